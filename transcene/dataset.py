@@ -1,0 +1,352 @@
+"""From epoch records to the traced arrays the likelihood consumes.
+
+``EpochStack`` (traced, an equinox Module) holds a batch of epochs of one shape bucket with a
+leading epoch axis, in nJy. ``ModelGrid`` (traced) is the host's pixel grid on the tangent plane
+at the target. ``Dataset`` (plain Python, never traced) holds the stacks, the grid, the target and
+the per-epoch metadata table. Shapes are padded to buckets (image side to a multiple of 16, epoch
+count to the next power of two) so that compiled programs are reused across targets and nights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import warnings
+from typing import Sequence
+
+import equinox as eqx
+import jax.numpy as jnp
+import numpy as np
+from astropy import units as u
+from astropy.coordinates import SkyCoord
+from astropy.table import Table
+from astropy.time import Time
+from jaxtyping import Array, Complex, Float
+
+from .epoch import Epoch
+from .errors import BaselineWarning, DatasetError, EpochSkippedWarning
+from .geometry import local_affine
+from .psf import centred_fft, crop_psf, native_psf, psf_fwhm, psf_to_model_frame
+
+__all__ = ["EpochStack", "ModelGrid", "Dataset", "make_dataset"]
+
+log = logging.getLogger(__name__)
+
+
+class EpochStack(eqx.Module):
+    """A batch of epochs of one shape: data in nJy, weights, PSFs and geometry (traced).
+
+    Pixel coordinates are those of the (cropped) epoch image. ``p0`` is the target's pixel
+    position, ``amat`` the local Jacobian in pixels per arcsec (columns: d/d xi, d/d eta).
+    """
+
+    data: Float[Array, "epoch y x"]
+    weight: Float[Array, "epoch y x"]
+    psf_hat: Complex[Array, "epoch fy fxh"]
+    q_hat: Complex[Array, "epoch m mh"]
+    p0: Float[Array, "epoch 2"]
+    amat: Float[Array, "epoch 2 2"]
+    ainv: Float[Array, "epoch 2 2"]
+    band: Float[Array, "epoch"]
+    free_flux: Float[Array, "epoch"]
+    valid: Float[Array, "epoch"]
+    shift_prec: Float[Array, "epoch"]
+
+    def __check_init__(self):
+        n = self.data.shape[0]
+        for name in ("weight", "psf_hat", "q_hat", "p0", "amat", "ainv", "band"):
+            if getattr(self, name).shape[0] != n:
+                raise ValueError(f"EpochStack.{name} has {getattr(self, name).shape[0]} epochs, expected {n}")
+
+    @property
+    def n_epochs(self) -> int:
+        return self.data.shape[0]
+
+    @property
+    def image_shape(self) -> tuple[int, int]:
+        return self.data.shape[1:]
+
+
+class ModelGrid(eqx.Module):
+    """The host's pixel grid: ``size`` x ``size`` pixels centred on the target.
+
+    Model pixel coordinates: ``X = c - xi / scale``, ``Y = c + eta / scale`` with ``c = size // 2``
+    (East to the left, North up, as a FITS image with a standard WCS).
+    """
+
+    to_model: Float[Array, "2 2"]  # model pixels per arcsec
+    scale: Float[Array, ""]  # arcsec per model pixel
+    size: int = eqx.field(static=True)
+
+    @property
+    def centre(self) -> int:
+        return self.size // 2
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Dataset:
+    """Everything a fit needs: traced stacks and grid, plus metadata that never enters JAX.
+
+    ``epochs`` has one row per input epoch (in input order) with its ``stack`` and ``slot``.
+    """
+
+    stacks: tuple[EpochStack, ...]
+    grid: ModelGrid
+    target: SkyCoord
+    bands: tuple[str, ...]
+    epochs: Table
+    mjd_ref: float
+    fit_radius: float  # arcsec
+    baseline_defined: bool
+    records: tuple[Epoch, ...] = dataclasses.field(repr=False, default=())
+
+    @property
+    def n_epochs(self) -> int:
+        return len(self.epochs)
+
+
+def _bucket(n: int, multiple: int) -> int:
+    return int(math.ceil(n / multiple) * multiple)
+
+
+def _epoch_bucket(n: int) -> int:
+    return 1 if n <= 1 else int(2 ** math.ceil(math.log2(n)))
+
+
+def _fft_size(n: int) -> int:
+    """Smallest size >= n whose prime factors are 2, 3 and 5 (fast FFTs), even."""
+    m = max(int(n), 2)
+    while True:
+        k = m
+        for p in (2, 3, 5):
+            while k % p == 0:
+                k //= p
+        if k == 1 and m % 2 == 0:
+            return m
+        m += 1
+
+
+def make_dataset(
+    epochs: Sequence[Epoch],
+    target: SkyCoord,
+    *,
+    fit_radius: float | None = None,
+    model_oversample: float = 2.0,
+    zero_before: float | None = None,
+    shift_prior: float = 0.1,
+    pad_epochs: bool = True,
+) -> Dataset:
+    """Stack ``epochs`` around ``target`` for fitting.
+
+    Args:
+        epochs: epoch records (any mix of surveys, sizes, orientations, bands).
+        target: the transient's (prior) position; the model grid's tangent point.
+        fit_radius: half-side in arcsec of the square region fitted (default: the median over
+            epochs of the largest square about the target that fits in the image).
+        model_oversample: model pixels per finest epoch pixel (side).
+        zero_before: MJD; epochs before it are treated as transient-free (flux fixed to 0).
+        shift_prior: prior standard deviation of each epoch's astrometric shift, arcsec.
+        pad_epochs: pad epoch counts to powers of two so compiled programs are reused.
+    """
+    if len(epochs) == 0:
+        raise DatasetError("no epochs to fit")
+    geo = []
+    kept = []
+    for ep in epochs:
+        p0, a = local_affine(ep.wcs, target)
+        ny, nx = ep.shape
+        if not (np.all(np.isfinite(p0)) and -0.5 <= p0[0] <= nx - 0.5 and -0.5 <= p0[1] <= ny - 0.5):
+            warnings.warn(
+                f"{ep.path or ep.exposure_id}: target {target.to_string('decimal')} is outside "
+                f"this epoch's footprint (pixel {p0}); epoch skipped",
+                EpochSkippedWarning,
+                stacklevel=2,
+            )
+            continue
+        scale = 1.0 / math.sqrt(abs(np.linalg.det(a)))
+        edge = min(p0[0] + 0.5, nx - 0.5 - p0[0], p0[1] + 0.5, ny - 0.5 - p0[1]) * scale
+        geo.append((p0, a, scale, edge))
+        kept.append(ep)
+    if not kept:
+        raise DatasetError(f"target {target.to_string('hmsdms')} is outside every epoch's footprint")
+    epochs = kept
+    if fit_radius is None:
+        fit_radius = float(np.median([g[3] for g in geo]))
+    fit_radius = float(fit_radius)
+    if not fit_radius > 0:
+        raise DatasetError(f"fit_radius must be > 0 arcsec, got {fit_radius}")
+
+    bands = tuple(sorted({ep.band for ep in epochs}))
+    min_scale = min(g[2] for g in geo)
+    scale_m = min_scale / float(model_oversample)
+    to_model = np.diag([-1.0 / scale_m, 1.0 / scale_m])
+
+    # PSF half-sizes (native pixels): the whole PSF, but never beyond the fitted region + margin
+    psf_half = []
+    for ep, g in zip(epochs, geo):
+        nat = native_psf(ep.psf, ep.psf_oversample)
+        lim = int(math.ceil(fit_radius / g[2])) + 2
+        psf_half.append(min(nat.shape[0] // 2, lim))
+    rq = max(int(math.ceil(h * g[2] / scale_m)) + 1 for h, g in zip(psf_half, geo))
+    half_fit_m = int(math.ceil(fit_radius / scale_m))
+    margin = rq + 6  # PSF reach + interpolation taps + room for astrometric shifts
+    m_size = _fft_size(2 * (half_fit_m + margin) + 1)
+    grid = ModelGrid(to_model=jnp.asarray(to_model), scale=jnp.asarray(scale_m), size=m_size)
+
+    # crop each epoch to the fitted region
+    items = []
+    for ep, g, h in zip(epochs, geo, psf_half):
+        p0, a, scale, _ = g
+        hw = int(math.ceil(fit_radius / scale * math.sqrt(2))) + 1
+        ny, nx = ep.shape
+        x0 = max(int(math.floor(p0[0])) - hw, 0)
+        x1 = min(int(math.floor(p0[0])) + hw + 2, nx)
+        y0 = max(int(math.floor(p0[1])) - hw, 0)
+        y1 = min(int(math.floor(p0[1])) + hw + 2, ny)
+        img = ep.image[y0:y1, x0:x1].astype(float)
+        w = ep.weight[y0:y1, x0:x1].astype(float)
+        pc = p0 - np.array([x0, y0], float)
+        ainv = np.linalg.inv(a)
+        yy, xx = np.mgrid[0 : y1 - y0, 0 : x1 - x0]
+        off = np.einsum("ij,jyx->iyx", ainv, np.stack([xx - pc[0], yy - pc[1]]))
+        inside = (np.abs(off[0]) <= fit_radius) & (np.abs(off[1]) <= fit_radius)
+        w = np.where(inside, w, 0.0)
+        if not np.any(w > 0):
+            warnings.warn(
+                f"{ep.path or ep.exposure_id}: every pixel within {fit_radius:.1f} arcsec of the "
+                "target is masked; epoch skipped",
+                EpochSkippedWarning,
+                stacklevel=2,
+            )
+            continue
+        c = ep.njy_per_unit
+        img = np.where(w > 0, img * c, 0.0)
+        w = w / c**2
+        items.append(dict(ep=ep, img=img, w=w, p0=pc, a=a, ainv=ainv, scale=scale, h=h))
+    if not items:
+        raise DatasetError("every epoch is fully masked within the fitted region")
+
+    refs = [
+        it["ep"].is_reference or (zero_before is not None and it["ep"].mjd < zero_before) for it in items
+    ]
+    baseline_defined = any(refs)
+    if not baseline_defined:
+        warnings.warn(
+            "no transient-free epochs (no REFEPOCH = T, no zero_before): transient fluxes are "
+            "relative to an undefined baseline; the light curve is flagged 'baseline undefined'",
+            BaselineWarning,
+            stacklevel=2,
+        )
+    if all(refs):
+        raise DatasetError("every epoch is a reference (transient-free) epoch: nothing to measure")
+
+    # group into shape buckets
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, it in enumerate(items):
+        side = _bucket(max(it["img"].shape), 16)
+        nf = _fft_size(side + it["h"] + 1)
+        it["side"], it["nf"] = side, nf
+        groups.setdefault((side, nf), []).append(i)
+
+    stacks = []
+    rows = []
+    band_index = {b: k for k, b in enumerate(bands)}
+    for s_idx, ((side, nf), members) in enumerate(sorted(groups.items())):
+        n = len(members)
+        n_pad = _epoch_bucket(n) if pad_epochs else n
+        data = np.zeros((n_pad, side, side))
+        weight = np.zeros((n_pad, side, side))
+        psf_hat = np.zeros((n_pad, nf, nf // 2 + 1), complex)
+        q_hat = np.zeros((n_pad, m_size, m_size // 2 + 1), complex)
+        p0 = np.zeros((n_pad, 2))
+        amat = np.tile(np.eye(2), (n_pad, 1, 1))
+        ainv = np.tile(np.eye(2), (n_pad, 1, 1))
+        band = np.zeros(n_pad)
+        free = np.zeros(n_pad)
+        valid = np.zeros(n_pad)
+        shift_prec = np.full(n_pad, 1.0 / shift_prior**2 if shift_prior > 0 else 1e12)
+        for slot, i in enumerate(members):
+            it = items[i]
+            ep = it["ep"]
+            ny, nx = it["img"].shape
+            data[slot, :ny, :nx] = it["img"]
+            weight[slot, :ny, :nx] = it["w"]
+            nat = crop_psf(native_psf(ep.psf, ep.psf_oversample), it["h"])
+            nat = nat / nat.sum()
+            psf_hat[slot] = centred_fft(nat, (nf, nf))
+            k = int(ep.psf_oversample)
+            fine = crop_psf(ep.psf, it["h"] * k + (k - 1) // 2)
+            b_mat = it["a"] @ np.linalg.inv(to_model)  # epoch px per model px
+            hq = min(int(math.ceil(it["h"] * it["scale"] / scale_m)) + 1, m_size // 2 - 1)
+            q = psf_to_model_frame(fine, k, b_mat, hq)
+            q_hat[slot] = centred_fft(q, (m_size, m_size))
+            p0[slot] = it["p0"]
+            amat[slot] = it["a"]
+            ainv[slot] = it["ainv"]
+            band[slot] = band_index[ep.band]
+            free[slot] = 0.0 if refs[i] else 1.0
+            valid[slot] = 1.0
+            rows.append(
+                dict(
+                    index=i,
+                    stack=s_idx,
+                    slot=slot,
+                    exposure_id=ep.exposure_id,
+                    mjd=_utc_mjd(ep),
+                    band=ep.band,
+                    survey=ep.survey,
+                    is_reference=bool(refs[i]),
+                    zeropoint=ep.zeropoint,
+                    njy_per_unit=ep.njy_per_unit,
+                    pixel_scale=it["scale"],
+                    psf_fwhm=psf_fwhm(ep.psf, ep.psf_oversample) * it["scale"],
+                    n_pixels=int(np.count_nonzero(it["w"] > 0)),
+                    path=ep.path or "",
+                )
+            )
+        stacks.append(
+            EpochStack(
+                data=jnp.asarray(data),
+                weight=jnp.asarray(weight),
+                psf_hat=jnp.asarray(psf_hat),
+                q_hat=jnp.asarray(q_hat),
+                p0=jnp.asarray(p0),
+                amat=jnp.asarray(amat),
+                ainv=jnp.asarray(ainv),
+                band=jnp.asarray(band),
+                free_flux=jnp.asarray(free),
+                valid=jnp.asarray(valid),
+                shift_prec=jnp.asarray(shift_prec),
+            )
+        )
+    rows.sort(key=lambda r: r["index"])
+    table = Table(rows=rows)
+    table["mjd"].unit = u.d
+    table["pixel_scale"].unit = u.arcsec / u.pix
+    table["psf_fwhm"].unit = u.arcsec
+    table.meta["time_scale"] = "UTC"
+    mjd_ref = float(np.floor(np.min(table["mjd"])))
+    log.info(
+        "dataset: %d epochs in %d stack(s), %d band(s), model grid %d^2 at %.3f arcsec/px, fit radius %.1f arcsec",
+        len(table), len(stacks), len(bands), m_size, scale_m, fit_radius,
+    )
+    return Dataset(
+        stacks=tuple(stacks),
+        grid=grid,
+        target=target,
+        bands=bands,
+        epochs=table,
+        mjd_ref=mjd_ref,
+        fit_radius=fit_radius,
+        baseline_defined=baseline_defined,
+        records=tuple(it["ep"] for it in items),
+    )
+
+
+def _utc_mjd(ep: Epoch) -> float:
+    """Mid-exposure MJD of ``ep`` converted to UTC."""
+    ts = ep.timesys.upper()
+    if ts == "GPS":  # GPS = TAI - 19 s
+        return float((Time(ep.mjd, format="mjd", scale="tai") + 19 * u.s).utc.mjd)
+    return float(Time(ep.mjd, format="mjd", scale=ts.lower()).utc.mjd)

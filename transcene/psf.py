@@ -1,0 +1,126 @@
+"""PSF preparation at dataset-build time (numpy): normalise, decimate, resample, Fourier-transform.
+
+A file's PSF is the effective PSF (optics + atmosphere + pixel response) sampled on the image
+grid, or ``k`` times finer. Two forms are derived per epoch:
+
+- the *epoch-frame* PSF at native sampling, used to render point sources by an exact Fourier
+  shift (sinc interpolation of the PSF samples);
+- the *model-frame* PSF: the same function evaluated on the model grid's pixel offsets through the
+  epoch's affine map (cubic-spline interpolation of the finest samples available), used to
+  convolve the host before it is sampled at the epoch's pixel centres.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+__all__ = [
+    "gaussian_psf",
+    "moffat_psf",
+    "normalise_psf",
+    "native_psf",
+    "psf_to_model_frame",
+    "centred_fft",
+    "psf_fwhm",
+]
+
+
+def normalise_psf(psf: np.ndarray) -> np.ndarray:
+    psf = np.asarray(psf, dtype=float)
+    return psf / psf.sum()
+
+
+def native_psf(psf: np.ndarray, oversample: int) -> np.ndarray:
+    """The PSF at native sampling: every ``oversample``-th sample through the centre, unit sum.
+
+    Exact for an effective PSF (pixel response included), which is what epoch files carry.
+    """
+    k = int(oversample)
+    if k == 1:
+        return normalise_psf(psf)
+    cy, cx = psf.shape[0] // 2, psf.shape[1] // 2
+    my, mx = cy // k, cx // k
+    out = psf[cy - my * k : cy + my * k + 1 : k, cx - mx * k : cx + mx * k + 1 : k]
+    return normalise_psf(out)
+
+
+def crop_psf(psf: np.ndarray, half: int) -> np.ndarray:
+    """Crop to at most ``2 * half + 1`` pixels a side about the centre (no renormalisation)."""
+    cy, cx = psf.shape[0] // 2, psf.shape[1] // 2
+    hy, hx = min(cy, half), min(cx, half)
+    return psf[cy - hy : cy + hy + 1, cx - hx : cx + hx + 1]
+
+
+def psf_to_model_frame(
+    psf: np.ndarray, oversample: int, epoch_px_per_model_px: np.ndarray, half: int
+) -> np.ndarray:
+    """The ePSF on model-grid offsets: ``Q[a] = ePSF(B @ (a - centre))``, ``(2 half + 1)^2``.
+
+    ``B`` (2, 2) maps model-pixel offsets ``(dx, dy)`` to epoch-pixel offsets. Values keep the
+    epoch normalisation (a point source of unit flux puts ``Q`` summed over epoch pixels = 1),
+    so convolving a host in nJy per model pixel with ``Q`` and sampling at the epoch's pixel
+    centres gives nJy per epoch pixel.
+    """
+    k = int(oversample)
+    psf = np.asarray(psf, dtype=float)
+    psf = psf / (psf.sum() / k**2)  # unit sum at native sampling
+    cy, cx = psf.shape[0] // 2, psf.shape[1] // 2
+    off = np.arange(-half, half + 1, dtype=float)
+    dx, dy = np.meshgrid(off, off)
+    ex = epoch_px_per_model_px[0, 0] * dx + epoch_px_per_model_px[0, 1] * dy
+    ey = epoch_px_per_model_px[1, 0] * dx + epoch_px_per_model_px[1, 1] * dy
+    coords = np.array([cy + k * ey, cx + k * ex])
+    return ndimage.map_coordinates(psf, coords, order=3, mode="constant", cval=0.0)
+
+
+def centred_fft(stamp: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """rfft2 of ``stamp`` placed in an array of ``shape`` with its centre at index (0, 0)."""
+    ny, nx = shape
+    big = np.zeros(shape)
+    sy, sx = stamp.shape
+    cy, cx = sy // 2, sx // 2
+    if sy > ny or sx > nx:
+        raise ValueError(f"PSF stamp {stamp.shape} larger than FFT grid {shape}")
+    big[:sy, :sx] = stamp
+    big = np.roll(big, (-cy, -cx), axis=(0, 1))
+    return np.fft.rfft2(big)
+
+
+def psf_fwhm(psf: np.ndarray, oversample: int = 1) -> float:
+    """FWHM in native pixels from the second moments (Gaussian-equivalent)."""
+    psf = normalise_psf(psf)
+    y, x = np.indices(psf.shape, dtype=float)
+    cy, cx = psf.shape[0] // 2, psf.shape[1] // 2
+    w = np.clip(psf, 0, None)
+    w = w / w.sum()
+    r2 = ((x - cx) ** 2 + (y - cy) ** 2) * w
+    # only the core: the moments of Moffat wings diverge
+    core = ((x - cx) ** 2 + (y - cy) ** 2) < (psf.shape[0] / 4.0) ** 2
+    sig2 = r2[core].sum() / max(w[core].sum(), 1e-30) / 2.0
+    return float(2.3548 * np.sqrt(sig2) / oversample)
+
+
+def gaussian_psf(fwhm: float, size: int = 25, oversample: int = 1) -> np.ndarray:
+    """Pixel-integrated circular Gaussian ePSF, ``fwhm`` in native pixels.
+
+    Samples are ``1/oversample`` native pixels apart; unit sum at native sampling.
+    """
+    from scipy.special import erf
+
+    sigma = fwhm / 2.3548
+    t = (np.arange(size) - size // 2) / oversample
+    s2 = np.sqrt(2.0) * sigma
+    prof = 0.5 * (erf((t + 0.5) / s2) - erf((t - 0.5) / s2))
+    img = np.outer(prof, prof)
+    return img / img.sum() * oversample**2
+
+
+def moffat_psf(fwhm: float, beta: float = 3.0, size: int = 25, sub: int = 9) -> np.ndarray:
+    """Pixel-integrated circular Moffat ePSF (native sampling), ``fwhm`` in pixels, unit sum."""
+    alpha = fwhm / (2.0 * np.sqrt(2.0 ** (1.0 / beta) - 1.0))
+    s = (np.arange(size * sub) - (size * sub) // 2) / sub  # sub-sample offsets from the centre
+    xx, yy = np.meshgrid(s, s)
+    img = (1.0 + (xx**2 + yy**2) / alpha**2) ** (-beta)
+    img = img.reshape(size, sub, size, sub).sum(axis=(1, 3))
+    return img / img.sum()

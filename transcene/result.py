@@ -1,0 +1,216 @@
+"""The fit result and the light-curve table it produces."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from pathlib import Path
+
+import numpy as np
+from astropy import units as u
+from astropy.table import Table
+
+from . import __version__
+from .dataset import Dataset
+from .epoch import NJY_AB_ZEROPOINT
+from .geometry import offsets_to_sky
+from .host import PixelHost, SersicHost
+from .scene import Scene
+
+__all__ = ["FitResult", "Flag", "write_table"]
+
+
+class Flag(enum.IntFlag):
+    """Bits of the light curve's ``flags`` column."""
+
+    REFERENCE = 1  # transient-free epoch: flux fixed to zero by definition, not measured
+    BASELINE_UNDEFINED = 2  # no transient-free epochs: flux relative to an unknown constant
+    NOT_CONVERGED = 4  # the fit did not meet its convergence criteria
+    HIGH_CHI2 = 8  # the epoch's residual chi2/dof > 2: the model does not describe it
+    MASKED_AT_TRANSIENT = 16  # fewer than half the pixels within 1 FWHM of the transient usable
+    LOW_SNR = 32  # snr < 3: mag and mag_err left empty, use mag_lim
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class FitResult:
+    """Immutable outcome of :func:`transcene.fit`: scene, status, covariance and diagnostics.
+
+    ``flux_cov`` is indexed by padded epoch slot in stack order; use :meth:`lightcurve` and
+    :meth:`epoch_covariance` for per-epoch, input-ordered products.
+    """
+
+    dataset: Dataset
+    scene: Scene
+    status: str
+    n_iter: int
+    history: tuple[float, ...]
+    flux_cov: np.ndarray
+    local_var: np.ndarray
+    position_cov: np.ndarray
+    chi2: list[np.ndarray]
+    host_kind: str
+    elapsed: float
+    method: str = "linear"
+
+    @property
+    def converged(self) -> bool:
+        return self.status == "converged"
+
+    def _slots(self) -> np.ndarray:
+        offs = np.cumsum([0] + [st.n_epochs for st in self.dataset.stacks])
+        t = self.dataset.epochs
+        return np.array([offs[s] + k for s, k in zip(t["stack"], t["slot"])], dtype=int)
+
+    def _local(self) -> np.ndarray:
+        return np.concatenate([np.asarray(loc) for loc in self.scene.local], axis=0)[self._slots()]
+
+    def epoch_covariance(self) -> np.ndarray:
+        """Flux covariance between epochs (nJy^2), in the order of ``dataset.epochs``."""
+        idx = self._slots()
+        return self.flux_cov[np.ix_(idx, idx)]
+
+    @property
+    def transient_offset(self) -> np.ndarray:
+        """Fitted transient offset (xi, eta) from the target, arcsec."""
+        return np.asarray(self.scene.glob.position)
+
+    @property
+    def transient_coord(self):
+        return offsets_to_sky(self.dataset.target, self.transient_offset)
+
+    def lightcurve(self) -> Table:
+        """The forced-photometry light curve (one row per epoch, input order), with units."""
+        ds = self.dataset
+        t = ds.epochs
+        loc = self._local()
+        cov = self.epoch_covariance()
+        var = np.clip(np.diag(cov), 0, None)
+        ref = np.asarray(t["is_reference"], bool)
+        flux = np.where(ref, 0.0, loc[:, 0])
+        err = np.where(ref, 0.0, np.sqrt(var))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            snr = np.where(ref, np.nan, flux / err)
+        det = np.isfinite(snr) & (snr >= 3)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            mag = np.where(det, NJY_AB_ZEROPOINT - 2.5 * np.log10(np.where(det, flux, 1.0)), np.nan)
+            mag_err = np.where(det, 2.5 / np.log(10) * err / np.where(det, flux, 1.0), np.nan)
+            mag_lim = np.where(ref, np.nan, NJY_AB_ZEROPOINT - 2.5 * np.log10(3 * err))
+        chi2_all = np.concatenate(self.chi2)[self._slots()]
+        n_pix = np.asarray(t["n_pixels"], float)
+        n_local = np.where(ref, 3, 4)
+        chi2_dof = chi2_all / np.maximum(n_pix - n_local, 1)
+        flags = np.zeros(len(t), int)
+        flags |= np.where(ref, int(Flag.REFERENCE), 0)
+        if not ds.baseline_defined:
+            flags |= int(Flag.BASELINE_UNDEFINED)
+        if not self.converged:
+            flags |= int(Flag.NOT_CONVERGED)
+        flags |= np.where(chi2_dof > 2.0, int(Flag.HIGH_CHI2), 0)
+        flags |= np.where(~ref & ~det, int(Flag.LOW_SNR), 0)
+        flags |= np.where(self._masked_at_transient(), int(Flag.MASKED_AT_TRANSIENT), 0)
+
+        out = Table()
+        out["mjd"] = np.asarray(t["mjd"], float) * u.d
+        out["band"] = t["band"]
+        out["survey"] = t["survey"]
+        out["exposure_id"] = t["exposure_id"]
+        out["flux"] = flux * u.nJy
+        out["flux_err"] = err * u.nJy
+        out["flux_lo"] = (flux - err) * u.nJy
+        out["flux_hi"] = (flux + err) * u.nJy
+        out["mag"] = mag * u.ABmag
+        out["mag_err"] = mag_err * u.mag
+        out["mag_lim"] = mag_lim * u.ABmag
+        out["snr"] = snr
+        out["chi2_dof"] = chi2_dof
+        out["flags"] = flags
+        out["sky"] = loc[:, 1] * u.nJy / u.pix
+        out["shift_ra"] = loc[:, 2] * u.arcsec
+        out["shift_dec"] = loc[:, 3] * u.arcsec
+        out["is_reference"] = ref
+        for name in ("mag", "mag_err", "mag_lim", "snr"):
+            out[name] = np.ma.masked_invalid(np.asarray(out[name]))
+            out[name].unit = {"mag": u.ABmag, "mag_err": u.mag, "mag_lim": u.ABmag}.get(name)
+        out.meta.update(self.summary())
+        out.meta["flag_bits"] = {f.name: int(f.value) for f in Flag}
+        out.meta["columns"] = (
+            "flux, flux_err, flux_lo, flux_hi in nJy (AB: m = 31.4 - 2.5 log10(f/nJy)); "
+            "flux_lo/flux_hi are the 16th/84th posterior percentiles; mag_lim is the 3-sigma limit; "
+            "sky in nJy/pixel; shift_ra/shift_dec the fitted astrometric shift of the epoch"
+        )
+        return out
+
+    def _masked_at_transient(self) -> np.ndarray:
+        ds = self.dataset
+        out = []
+        for s, k, fwhm, scale in zip(ds.epochs["stack"], ds.epochs["slot"], ds.epochs["psf_fwhm"], ds.epochs["pixel_scale"]):
+            st = ds.stacks[s]
+            w = np.asarray(st.weight[k])
+            p = np.asarray(st.p0[k]) + np.asarray(st.amat[k]) @ self.transient_offset
+            yy, xx = np.indices(w.shape)
+            r = np.hypot(xx - p[0], yy - p[1]) * scale
+            near = r <= max(float(fwhm), scale)
+            out.append(near.sum() == 0 or (w[near] > 0).mean() < 0.5)
+        return np.asarray(out)
+
+    def summary(self) -> dict:
+        """Metadata describing the fit (goes into the light-curve table's meta)."""
+        ds = self.dataset
+        coord = self.transient_coord
+        pos_err = np.sqrt(np.clip(np.diag(self.position_cov), 0, None))
+        meta = {
+            "ra": float(ds.target.ra.deg),
+            "dec": float(ds.target.dec.deg),
+            "transient_ra": float(coord.ra.deg),
+            "transient_dec": float(coord.dec.deg),
+            "transient_offset_arcsec": [float(v) for v in self.transient_offset],
+            "transient_offset_err_arcsec": [float(v) for v in pos_err],
+            "mjd_ref": ds.mjd_ref,
+            "time_scale": "UTC",
+            "model": f"{self.host_kind} host + transient point source",
+            "method": self.method,
+            "status": self.status,
+            "converged": self.converged,
+            "n_iterations": self.n_iter,
+            "baseline": "defined by transient-free epochs" if ds.baseline_defined else "baseline undefined",
+            "bands": list(ds.bands),
+            "fit_radius_arcsec": ds.fit_radius,
+            "model_pixel_scale_arcsec": float(ds.grid.scale),
+            "fit_seconds": round(self.elapsed, 3),
+            "version": __version__,
+        }
+        h = self.scene.glob.host
+        if isinstance(h, SersicHost):
+            q, pa, re = (float(v) for v in h.shape_params())
+            meta["host"] = {
+                "kind": "sersic",
+                "flux_nJy": {b: float(f) for b, f in zip(ds.bands, np.asarray(h.flux))},
+                "centre_offset_arcsec": [float(v) for v in np.asarray(h.centre)],
+                "re_arcsec": re,
+                "n": float(h.n),
+                "q": q,
+                "pa_deg": float(np.degrees(pa)),
+            }
+        elif isinstance(h, PixelHost):
+            meta["host"] = {
+                "kind": "pixel",
+                "flux_nJy": {b: float(f) for b, f in zip(ds.bands, np.asarray(h.image).sum(axis=(1, 2)))},
+            }
+        return meta
+
+
+def write_table(table: Table, path: str | Path) -> Path:
+    """Write a table as ECSV (default), CSV or Parquet, chosen by the file extension."""
+    path = Path(path)
+    ext = "".join(path.suffixes[-1:]).lower()
+    if ext in (".ecsv", ""):
+        table.write(path, format="ascii.ecsv", overwrite=True)
+    elif ext == ".csv":
+        table.write(path, format="ascii.csv", overwrite=True)
+    elif ext in (".parquet", ".pq"):
+        plain = table.copy()
+        plain.meta = {k: str(v) for k, v in table.meta.items()}
+        plain.write(path, format="parquet", overwrite=True)
+    else:
+        raise ValueError(f"unknown table format {ext!r} for {path}: use .ecsv, .csv or .parquet")
+    return path

@@ -1,0 +1,84 @@
+"""The scene: static host + point sources + per-epoch calibration nuisances (parameters only).
+
+Parameters split in two:
+
+- global (``SceneGlobal``): the host, the transient's position (arcsec offsets from the target),
+  static point sources (positions and per-band fluxes);
+- local, one row per epoch (``[flux, sky, shift_xi, shift_eta]``): the transient flux (nJy),
+  the sky level (nJy per pixel) and the astrometric shift (arcsec) of that epoch.
+
+Data live in the ``Dataset``; nothing here closes over data arrays.
+"""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+from .dataset import EpochStack, ModelGrid
+from .host import PixelHost, SersicHost
+from .render import batched, host_on_epoch, point_sources
+
+__all__ = ["SceneGlobal", "Scene", "render_stack", "LOCAL_FLUX", "LOCAL_SKY", "N_LOCAL"]
+
+LOCAL_FLUX, LOCAL_SKY, LOCAL_SHIFT = 0, 1, slice(2, 4)
+N_LOCAL = 4
+
+
+class SceneGlobal(eqx.Module):
+    """Parameters shared by all epochs."""
+
+    host: PixelHost | SersicHost
+    position: Float[Array, "2"]  # transient offset (xi, eta) from the target, arcsec
+    star_position: Float[Array, "s 2"]  # static point sources, arcsec offsets
+    star_flux: Float[Array, "s band"]  # nJy
+
+
+class Scene(eqx.Module):
+    """Global parameters plus one ``[flux, sky, shift_xi, shift_eta]`` row per epoch per stack."""
+
+    glob: SceneGlobal
+    local: tuple[Float[Array, "epoch 4"], ...]
+
+
+def render_epoch(
+    host_ft: Array, glob: SceneGlobal, loc: Float[Array, "4"], ep: EpochStack, grid: ModelGrid
+) -> Float[Array, "y x"]:
+    """Model image (nJy per pixel) of one epoch (``ep`` without its epoch axis)."""
+    band = ep.band.astype(jnp.int32)
+    shift = loc[LOCAL_SHIFT]
+    img = host_on_epoch(host_ft[band], ep, grid, shift)
+    offsets = jnp.concatenate([glob.position[None, :], glob.star_position], axis=0)
+    fluxes = jnp.concatenate([loc[LOCAL_FLUX][None], glob.star_flux[:, band]])
+    img = img + point_sources(ep, offsets, fluxes, shift)
+    return img + loc[LOCAL_SKY]
+
+
+def host_spectrum(glob: SceneGlobal, grid: ModelGrid) -> Array:
+    return jnp.fft.rfft2(glob.host.images(grid))
+
+
+def render_stack(glob: SceneGlobal, local: Float[Array, "epoch 4"], stack: EpochStack, grid: ModelGrid) -> Array:
+    """Model images ``[epoch, y, x]`` of every epoch in ``stack``."""
+    host_ft = host_spectrum(glob, grid)
+    fn = lambda args: render_epoch(host_ft, glob, args[0], args[1], grid)  # noqa: E731
+    return batched(fn, stack.n_epochs)((local, stack))
+
+
+def local_jacobian(glob: SceneGlobal, local: Array, stack: EpochStack, grid: ModelGrid) -> tuple[Array, Array]:
+    """Model images and their derivatives with respect to each epoch's local parameters.
+
+    Returns ``(model [e, y, x], jac [e, y, x, 4])``.
+    """
+    host_ft = host_spectrum(glob, grid)
+
+    def one(args):
+        loc, ep = args
+        f = lambda l: render_epoch(host_ft, glob, l, ep, grid)  # noqa: E731
+        model, jvp_fn = jax.linearize(f, loc)
+        jac = jax.vmap(jvp_fn, out_axes=-1)(jnp.eye(loc.shape[0]))
+        return model, jac
+
+    return batched(one, stack.n_epochs)((local, stack))
