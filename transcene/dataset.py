@@ -33,6 +33,9 @@ __all__ = ["EpochStack", "ModelGrid", "Dataset", "make_dataset"]
 
 log = logging.getLogger(__name__)
 
+#: prior precision (arcsec^-2) that pins an astrometric shift at zero
+PINNED = 1e16
+
 
 class EpochStack(eqx.Module):
     """A batch of epochs of one shape: data in nJy, weights, PSFs and geometry (traced).
@@ -54,6 +57,8 @@ class EpochStack(eqx.Module):
     shift_prec: Float[Array, "epoch"]
 
     def __check_init__(self):
+        if self.data.ndim != 3:  # a single-epoch slice
+            return
         n = self.data.shape[0]
         for name in ("weight", "psf_hat", "q_hat", "p0", "amat", "ainv", "band"):
             if getattr(self, name).shape[0] != n:
@@ -71,17 +76,31 @@ class EpochStack(eqx.Module):
 class ModelGrid(eqx.Module):
     """The host's pixel grid: ``size`` x ``size`` pixels centred on the target.
 
-    Model pixel coordinates: ``X = c - xi / scale``, ``Y = c + eta / scale`` with ``c = size // 2``
+    Host parameters live in the central ``host_size`` window; the rest is zero padding for the
+    FFT convolutions. Model pixel coordinates: ``X = c - xi / scale``, ``Y = c + eta / scale`` with ``c = size // 2``
     (East to the left, North up, as a FITS image with a standard WCS).
     """
 
     to_model: Float[Array, "2 2"]  # model pixels per arcsec
     scale: Float[Array, ""]  # arcsec per model pixel
-    size: int = eqx.field(static=True)
+    size: int = eqx.field(static=True)  # FFT grid side (host window + zero padding)
+    host_size: int = eqx.field(static=True)  # side of the window holding host parameters (odd)
 
     @property
     def centre(self) -> int:
         return self.size // 2
+
+    def embed(self, window: Array) -> Array:
+        """Place ``[..., host_size, host_size]`` arrays in the centre of the FFT grid."""
+        lo = self.centre - self.host_size // 2
+        hi = self.size - lo - self.host_size
+        pad = [(0, 0)] * (window.ndim - 2) + [(lo, hi), (lo, hi)]
+        return jnp.pad(window, pad)
+
+    def crop(self, full: Array) -> Array:
+        """Inverse of :meth:`embed` (the host window of a full-grid array)."""
+        lo = self.centre - self.host_size // 2
+        return full[..., lo : lo + self.host_size, lo : lo + self.host_size]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -189,10 +208,15 @@ def make_dataset(
         lim = int(math.ceil(fit_radius / g[2])) + 2
         psf_half.append(min(nat.shape[0] // 2, lim))
     rq = max(int(math.ceil(h * g[2] / scale_m)) + 1 for h, g in zip(psf_half, geo))
-    half_fit_m = int(math.ceil(fit_radius / scale_m))
-    margin = rq + 6  # PSF reach + interpolation taps + room for astrometric shifts
-    m_size = _fft_size(2 * (half_fit_m + margin) + 1)
-    grid = ModelGrid(to_model=jnp.asarray(to_model), scale=jnp.asarray(scale_m), size=m_size)
+    # Host parameters cover exactly the fitted region: host pixels outside it would be seen only
+    # through PSF wings, and such weakly constrained pixels make the linear solves converge
+    # 1000 times slower. Light from just outside is absorbed by the edge pixels. Beyond the
+    # window the FFT grid is zero padding wide enough for the PSF, so nothing wraps around.
+    half_host = int(math.ceil(fit_radius / scale_m))
+    m_size = _fft_size(2 * (half_host + rq + 6) + 1)
+    grid = ModelGrid(
+        to_model=jnp.asarray(to_model), scale=jnp.asarray(scale_m), size=m_size, host_size=2 * half_host + 1
+    )
 
     # crop each epoch to the fitted region
     items = []
@@ -223,7 +247,7 @@ def make_dataset(
         c = ep.njy_per_unit
         img = np.where(w > 0, img * c, 0.0)
         w = w / c**2
-        items.append(dict(ep=ep, img=img, w=w, p0=pc, a=a, ainv=ainv, scale=scale, h=h))
+        items.append(dict(ep=ep, img=img, w=w, p0=pc, a=a, ainv=ainv, scale=scale, h=h, x0=x0, y0=y0))
     if not items:
         raise DatasetError("every epoch is fully masked within the fitted region")
 
@@ -231,6 +255,13 @@ def make_dataset(
         it["ep"].is_reference or (zero_before is not None and it["ep"].mjd < zero_before) for it in items
     ]
     baseline_defined = any(refs)
+    # The astrometric frame is defined by the transient-free epochs (their shifts are pinned to
+    # zero), or by the deepest epoch when there is none. Otherwise a common shift of every epoch
+    # plus a translation of the host is constrained by the shift priors alone, a curved valley
+    # in which Gauss-Newton crawls when the host is bright.
+    anchors = list(refs) if baseline_defined else [
+        i == int(np.argmax([it["w"].sum() for it in items])) for i in range(len(items))
+    ]
     if not baseline_defined:
         warnings.warn(
             "no transient-free epochs (no REFEPOCH = T, no zero_before): transient fluxes are "
@@ -265,7 +296,7 @@ def make_dataset(
         band = np.zeros(n_pad)
         free = np.zeros(n_pad)
         valid = np.zeros(n_pad)
-        shift_prec = np.full(n_pad, 1.0 / shift_prior**2 if shift_prior > 0 else 1e12)
+        shift_prec = np.full(n_pad, 1.0 / shift_prior**2 if shift_prior > 0 else PINNED)
         for slot, i in enumerate(members):
             it = items[i]
             ep = it["ep"]
@@ -287,6 +318,8 @@ def make_dataset(
             band[slot] = band_index[ep.band]
             free[slot] = 0.0 if refs[i] else 1.0
             valid[slot] = 1.0
+            if anchors[i]:
+                shift_prec[slot] = PINNED
             rows.append(
                 dict(
                     index=i,
@@ -302,6 +335,8 @@ def make_dataset(
                     pixel_scale=it["scale"],
                     psf_fwhm=psf_fwhm(ep.psf, ep.psf_oversample) * it["scale"],
                     n_pixels=int(np.count_nonzero(it["w"] > 0)),
+                    x0=it["x0"],
+                    y0=it["y0"],
                     path=ep.path or "",
                 )
             )

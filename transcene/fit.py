@@ -35,7 +35,7 @@ def initial_scene(ds: Dataset, host: Literal["pixel", "sersic"] = "pixel", stars
     nb = len(ds.bands)
     m = ds.grid.size
     if host == "pixel":
-        h = PixelHost(image=jnp.zeros((nb, m, m)))
+        h = PixelHost(image=jnp.zeros((nb, ds.grid.host_size, ds.grid.host_size)))
     elif host == "sersic":
         n0 = 1.0
         h = SersicHost(
@@ -81,7 +81,7 @@ def fit(
     priors: Priors = Priors(),
     stars: SkyCoord | None = None,
     fit_shifts: bool = True,
-    max_iter: int = 30,
+    max_iter: int = 20,
     init: Scene | None = None,
     progress: ProgressCallback | None = None,
 ) -> FitResult:
@@ -113,7 +113,7 @@ def fit(
     n_iter = 0
     cg_total = 0
     for it in range(1, max_iter + 1):
-        step, cg_it, cg_res = gauss_newton_step(scene, stacks, grid, pa)
+        step, fvar, cg_it, cg_res = gauss_newton_step(scene, stacks, grid, pa)
         cg_total += int(cg_it)
         if not np.isfinite(float(cg_res)) or float(cg_res) > 1e-4:
             log.warning("linear solve reached relative residual %.2e after %d iterations", float(cg_res), int(cg_it))
@@ -131,13 +131,23 @@ def fit(
             status = "line_search_failed"
             break
         dnl = alpha * _nonlinear_step(step)
+        # largest flux change in units of its (conditional) standard deviation
+        dflux = max(
+            float(jnp.max(jnp.abs(alpha * d[:, 0]) / jnp.sqrt(v + 1e-300) * st.free_flux))
+            for d, v, st in zip(step.local, fvar, stacks)
+        )
         decrease = obj - new
         scene, obj = trial, new
         history.append(obj)
-        log.debug("GN iteration %d: objective %.6f (decrease %.3g, step %.2e, cg %d)", it, obj, decrease, dnl, int(cg_it))
+        log.debug(
+            "GN iteration %d: objective %.6f (decrease %.3g, flux step %.2e sigma, non-linear step %.2e, "
+            "alpha %.3g, cg %d, res %.1e)", it, obj, decrease, dflux, dnl, alpha, int(cg_it), float(cg_res),
+        )
         if progress is not None:
             progress(it, max_iter, f"objective {obj:.1f}")
-        if decrease < 1e-3 + 1e-10 * abs(obj) and dnl < 1e-4:
+        # converged when a further step could not change any flux by more than 2 % of its error
+        # nor the fit's chi^2 by a statistically meaningful amount
+        if (dflux < 0.02 and decrease < 0.5) or (decrease < 1e-3 and dnl < 1e-4):
             status = "converged"
             break
     if status != "converged":

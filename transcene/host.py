@@ -26,13 +26,12 @@ __all__ = ["PixelHost", "SersicHost", "sersic_bn", "host_prior_spectrum"]
 
 
 class PixelHost(eqx.Module):
-    """Free host image per band on the model grid, nJy per model pixel."""
+    """Free host image per band on the model grid's host window, nJy per model pixel."""
 
-    image: Float[Array, "band m m"]
+    image: Float[Array, "band h h"]
 
     def images(self, grid: ModelGrid) -> Float[Array, "band m m"]:
-        del grid
-        return self.image
+        return grid.embed(self.image)
 
 
 def sersic_bn(n: Array) -> Array:

@@ -69,6 +69,17 @@ class FitResult:
         idx = self._slots()
         return self.flux_cov[np.ix_(idx, idx)]
 
+    def covariance_table(self) -> Table:
+        """The epoch-to-epoch flux covariance (nJy^2) as a table keyed by exposure id."""
+        ids = [str(v) for v in self.dataset.epochs["exposure_id"]]
+        cov = self.epoch_covariance()
+        t = Table()
+        t["exposure_id"] = ids
+        for j, name in enumerate(ids):
+            t[name] = cov[:, j] * u.nJy**2
+        t.meta["description"] = "flux covariance between epochs (host-induced correlations included)"
+        return t
+
     @property
     def transient_offset(self) -> np.ndarray:
         """Fitted transient offset (xi, eta) from the target, arcsec."""

@@ -109,13 +109,13 @@ def _fourier_quad(img: jax.Array, spec: jax.Array) -> jax.Array:
     return jnp.sum(img * jnp.fft.irfft2(spec * jnp.fft.rfft2(img), s=(m, m)))
 
 
-def global_prior(glob: SceneGlobal, pa: PriorArrays) -> jax.Array:
+def global_prior(glob: SceneGlobal, pa: PriorArrays, grid: ModelGrid) -> jax.Array:
     """Quadratic prior energy (-2 log prior + const) of the global parameters."""
     e = pa.position_prec * jnp.sum(glob.position**2)
     e = e + pa.star_prec * jnp.sum((glob.star_position - pa.star_centre) ** 2)
     h = glob.host
     if isinstance(h, PixelHost):
-        e = e + _fourier_quad(h.image, pa.host_prec)
+        e = e + _fourier_quad(h.images(grid), pa.host_prec)
     elif isinstance(h, SersicHost):
         e = e + pa.sersic_centre_prec * jnp.sum(h.centre**2)
         e = e + pa.sersic_re_prec * (h.log_re - pa.sersic_re_centre) ** 2
@@ -132,7 +132,7 @@ def _local_prec(stack: EpochStack) -> jax.Array:
 
 def objective(scene: Scene, stacks: tuple[EpochStack, ...], grid: ModelGrid, pa: PriorArrays) -> jax.Array:
     """-2 log posterior (up to a constant): chi^2 plus the prior energies."""
-    total = global_prior(scene.glob, pa)
+    total = global_prior(scene.glob, pa, grid)
     for loc, st in zip(scene.local, stacks):
         model = render_stack(scene.glob, loc, st, grid)
         r = st.data - model
@@ -188,8 +188,9 @@ def _build(scene: Scene, stacks, grid, pa: PriorArrays):
         r = st.data - model
         prec = _local_prec(st)
         n_mat = jnp.einsum("eyxa,eyx,eyxb->eab", jl, w, jl) + jax.vmap(jnp.diag)(prec)
-        ridge = 1e-12 * jnp.max(jnp.abs(n_mat), axis=(1, 2)) + 1e-30
-        n_mat = n_mat + ridge[:, None, None] * jnp.eye(4)
+        # keeps a block invertible when a parameter has no data (e.g. the transient off an epoch)
+        ridge = 1e-12 * jnp.diagonal(n_mat, axis1=1, axis2=2) + 1e-30
+        n_mat = n_mat + jax.vmap(jnp.diag)(ridge)
         b = jnp.einsum("eyxa,eyx->ea", jl, w * r) - prec * loc
         parts.append(dict(jl=jl, w=w, r=r, ninv=jnp.linalg.inv(n_mat), b=b))
 
@@ -208,7 +209,7 @@ def _build(scene: Scene, stacks, grid, pa: PriorArrays):
             out.append(wy - p["w"] * corr)
         return tuple(out)
 
-    prior_grad = jax.grad(lambda g: global_prior(g, pa))
+    prior_grad = jax.grad(lambda g: global_prior(g, pa, grid))
 
     def apply_s(vflat):
         v = unravel(vflat)
@@ -221,7 +222,7 @@ def _build(scene: Scene, stacks, grid, pa: PriorArrays):
     for p in parts:
         corr = jnp.einsum("eyxa,ea->eyx", p["jl"], jnp.einsum("eab,eb->ea", p["ninv"], p["b"]))
         ys.append(p["w"] * p["r"] - p["w"] * corr)
-    grad_prior = jax.grad(lambda g: global_prior(g, pa))(glob)
+    grad_prior = jax.grad(lambda g: global_prior(g, pa, grid))(glob)
     rhs = ravel_pytree(vjp_fn(tuple(ys))[0])[0] - 0.5 * ravel_pytree(grad_prior)[0]
 
     return dict(
@@ -265,19 +266,22 @@ def _make_solver(sysd, glob: SceneGlobal, grid: ModelGrid, pa: PriorArrays):
         block_inv = jnp.zeros((0, 0))
 
     def precond(r):
-        rh = r[:n_host].reshape(host_shape)
-        zh = jnp.fft.irfft2(jnp.fft.rfft2(rh) / pa.host_precond, s=(m, m)).reshape(-1)
+        rh = grid.embed(r[:n_host].reshape(host_shape))
+        zh = grid.crop(jnp.fft.irfft2(jnp.fft.rfft2(rh) / pa.host_precond, s=(m, m))).reshape(-1)
         return jnp.concatenate([zh, block_inv @ r[n_host:]])
 
-    def solve(rhs, tol=1e-10):
-        return _pcg(apply_s, rhs, precond, jnp.zeros_like(rhs), tol, 2000)
+    def solve(rhs, tol=1e-6):
+        return _pcg(apply_s, rhs, precond, jnp.zeros_like(rhs), tol, 1000)
 
     return solve, None
 
 
 @eqx.filter_jit
 def gauss_newton_step(scene: Scene, stacks, grid: ModelGrid, pa: PriorArrays):
-    """One Gauss-Newton step for all parameters. Returns (step as a Scene, cg iterations, cg residual)."""
+    """One Gauss-Newton step for all parameters.
+
+    Returns (step as a Scene, conditional flux variances per stack, cg iterations, cg residual).
+    """
     sysd = _build(scene, stacks, grid, pa)
     solve, _ = _make_solver(sysd, scene.glob, grid, pa)
     dg, iters, res = solve(sysd["rhs"])
@@ -287,7 +291,8 @@ def gauss_newton_step(scene: Scene, stacks, grid: ModelGrid, pa: PriorArrays):
     for ui, p in zip(u, sysd["parts"]):
         c = jnp.einsum("eyxa,eyx->ea", p["jl"], p["w"] * ui)
         dlocal.append(jnp.einsum("eab,eb->ea", p["ninv"], p["b"] - c))
-    return Scene(glob=dglob, local=tuple(dlocal)), iters, res
+    fvar = tuple(p["ninv"][:, 0, 0] for p in sysd["parts"])
+    return Scene(glob=dglob, local=tuple(dlocal)), fvar, iters, res
 
 
 @eqx.filter_jit
@@ -326,10 +331,10 @@ def flux_covariance(scene: Scene, stacks, grid: ModelGrid, pa: PriorArrays, rank
     rhs_all = jnp.concatenate([basis, e_pos], axis=0)
 
     def solve_one(rhs):
-        x, it, _ = solve(rhs, 1e-9) if s_dense is None else solve(rhs)
+        x, it, _ = solve(rhs, 1e-6) if s_dense is None else solve(rhs)
         return x, it
 
-    xs, its = jax.lax.map(solve_one, rhs_all)
+    xs, its = jax.vmap(solve_one)(rhs_all)
     mk = basis @ xs[:-2].T  # [k, k] = V^T S^-1 V
     us = u_mat * s_val[None, :] * keep[None, :]
     cov_host = us @ (0.5 * (mk + mk.T)) @ us.T

@@ -1,0 +1,108 @@
+"""Command-line behaviour: outputs, exit codes and error messages (no tracebacks)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from astropy.io import fits
+from astropy.table import Table
+from typer.testing import CliRunner
+
+import transcene  # noqa: F401  (enables float64)
+from transcene.cli import EXIT_BAD_INPUT, app
+from transcene.simulate import SimulationConfig, write_simulation
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def small_sim(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sim")
+    cfg = SimulationConfig(n_epochs=5, n_reference=2, bands=("r",), size=20, psf_size=15,
+                           seeing_fwhm=(2.2, 3.0), seed=5, transient_peak_mag=18.5)
+    write_simulation(out, cfg)
+    return out
+
+
+@pytest.fixture(scope="module")
+def fitted(small_sim, tmp_path_factory):
+    out = tmp_path_factory.mktemp("fit")
+    truth = Table.read(small_sim / "truth.ecsv")
+    res = runner.invoke(app, [
+        "fit", *[str(p) for p in sorted(small_sim.glob("epoch_*.fits"))],
+        "--ra", str(truth.meta["transient_ra"]), "--dec", str(truth.meta["transient_dec"]),
+        "-o", str(out / "lc.ecsv"), "--scene-out", str(out / "scene"), "--plot", str(out / "lc.png"), "-q",
+    ])
+    return out, truth, res
+
+
+def test_fit_writes_outputs(fitted):
+    out, truth, res = fitted
+    assert res.exit_code in (0, 1), res.output
+    lc = Table.read(out / "lc.ecsv")
+    assert len(lc) == len(truth)
+    for col in ("mjd", "band", "survey", "exposure_id", "flux", "flux_err", "flux_lo", "flux_hi", "mag",
+                "mag_err", "mag_lim", "snr", "chi2_dof", "flags"):
+        assert col in lc.colnames
+    assert str(lc["flux"].unit) == "nJy"
+    assert lc.meta["method"] == "linear"
+    assert set(lc["exposure_id"]) == set(truth["exposure_id"])
+    # reference rows are flagged and pinned to zero
+    ref = np.asarray(lc["is_reference"])
+    assert np.all(np.asarray(lc["flags"])[ref] & 1)
+    assert np.all(np.asarray(lc["flux"])[ref] == 0)
+    # every measured flux is within 5 sigma of the truth (loose: 5 epochs only)
+    tr = {str(e): float(f) for e, f in zip(truth["exposure_id"], truth["flux_true"])}
+    pulls = [(float(f) - tr[str(e)]) / float(s) for e, f, s, r in
+             zip(lc["exposure_id"], lc["flux"], lc["flux_err"], ref) if not r]
+    assert np.all(np.abs(pulls) < 5), pulls
+    assert (out / "lc_covariance.ecsv").exists()
+    assert (out / "lc.png").stat().st_size > 1000
+
+
+def test_scene_outputs_have_wcs(fitted):
+    out, truth, res = fitted
+    with fits.open(out / "scene" / "host_r.fits") as h:
+        assert h[0].header["CTYPE1"] == "RA---TAN"
+        assert h[0].data.ndim == 2
+    files = sorted((out / "scene" / "epochs").glob("*.fits"))
+    assert len(files) == len(truth)
+    with fits.open(files[0]) as h:
+        assert [x.name for x in h[1:]] == ["DATA", "MODEL", "HOST", "TRANSIENT", "RESID"]
+        assert h["DATA"].header["CTYPE1"].startswith("RA---")
+    scene = Table.read(out / "scene" / "scene.ecsv")
+    assert "transient_ra" in list(scene["parameter"])
+
+
+def test_bad_file_exit_code_and_message(tmp_path):
+    bad = tmp_path / "broken.fits"
+    fits.HDUList([fits.PrimaryHDU()]).writeto(bad)
+    res = runner.invoke(app, ["fit", str(bad), "-q"])
+    assert res.exit_code == EXIT_BAD_INPUT
+    assert "broken.fits" in res.output
+    assert "SCI" in res.output
+    assert "Traceback" not in res.output
+
+
+@pytest.mark.filterwarnings("ignore::transcene.errors.EpochSkippedWarning")  # one per epoch, expected
+def test_target_outside_every_epoch(small_sim):
+    files = [str(p) for p in sorted(small_sim.glob("epoch_*.fits"))]
+    res = runner.invoke(app, ["fit", *files, "--ra", "10.0", "--dec", "-45.0", "-q"])
+    assert res.exit_code == EXIT_BAD_INPUT
+    assert "footprint" in res.output
+    assert "Traceback" not in res.output
+
+
+def test_only_ra_is_an_error(small_sim):
+    res = runner.invoke(app, ["fit", str(small_sim), "--ra", "10.0", "-q"])
+    assert res.exit_code == EXIT_BAD_INPUT
+    assert "--dec" in res.output
+
+
+def test_sexagesimal_coordinates():
+    from transcene.geometry import parse_coord
+
+    c = parse_coord("00:03:15.43", "+16:08:44.5")
+    assert abs(c.ra.deg - 0.8143) < 1e-3 and abs(c.dec.deg - 16.1457) < 1e-3
+    with pytest.raises(ValueError, match="RA"):
+        parse_coord("nonsense", "also")
