@@ -306,11 +306,9 @@ def make_dataset(
             nat = crop_psf(native_psf(ep.psf, ep.psf_oversample), it["h"])
             nat = nat / nat.sum()
             psf_hat[slot] = centred_fft(nat, (nf, nf))
-            k = int(ep.psf_oversample)
-            fine = crop_psf(ep.psf, it["h"] * k + (k - 1) // 2)
             b_mat = it["a"] @ np.linalg.inv(to_model)  # epoch px per model px
             hq = min(int(math.ceil(it["h"] * it["scale"] / scale_m)) + 1, m_size // 2 - 1)
-            q = psf_to_model_frame(fine, k, b_mat, hq)
+            q = psf_to_model_frame(nat, b_mat, hq, nf)
             q_hat[slot] = centred_fft(q, (m_size, m_size))
             p0[slot] = it["p0"]
             amat[slot] = it["a"]

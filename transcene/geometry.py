@@ -4,9 +4,10 @@ Conventions: sky offsets ``(xi, eta)`` are arcsec on the tangent plane at the ta
 towards East, ``eta`` towards North. Pixel coordinates are ``(x, y)``, 0-based, pixel centres at
 integers (astropy origin 0). Each epoch is described near the target by ``p = p0 + A @ (xi, eta)``,
 with ``A`` in pixels per arcsec, measured from the epoch's full astropy WCS (SIP/TPV included) by
-central differences. The affine map is exact to second order in the offset; for a cutout a few
-arcmin across the neglected curvature is < 1e-3 px even for strong distortion polynomials, but
-it is wrong for wide fields (tens of arcmin) where the plate scale varies across the image.
+central differences. The error of the affine map is second order in the offset: for a TAN
+WCS it is < 1e-5 px within a cutout; for a strong SIP distortion (Jacobian 2 % off the CD
+matrix) it was measured at 0.003 / 0.03 / 0.12 px at 10 / 30 / 60 arcsec from the target. Keep
+the fitted region within ~30 arcsec on distorted WCSs; wide fields need a non-affine map.
 """
 
 from __future__ import annotations

@@ -13,7 +13,6 @@ grid, or ``k`` times finer. Two forms are derived per epoch:
 from __future__ import annotations
 
 import numpy as np
-from scipy import ndimage
 
 __all__ = [
     "gaussian_psf",
@@ -52,26 +51,34 @@ def crop_psf(psf: np.ndarray, half: int) -> np.ndarray:
     return psf[cy - hy : cy + hy + 1, cx - hx : cx + hx + 1]
 
 
-def psf_to_model_frame(
-    psf: np.ndarray, oversample: int, epoch_px_per_model_px: np.ndarray, half: int
-) -> np.ndarray:
+def _dirichlet(t: np.ndarray, n: int) -> np.ndarray:
+    """Periodic sinc of period ``n`` (even): the kernel of trigonometric interpolation on n samples."""
+    t = np.asarray(t, float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = np.sin(np.pi * t) / (n * np.tan(np.pi * t / n))
+    return np.where(np.abs(np.sin(np.pi * t / n)) < 1e-12, 1.0, out)
+
+
+def psf_to_model_frame(psf: np.ndarray, epoch_px_per_model_px: np.ndarray, half: int, period: int) -> np.ndarray:
     """The ePSF on model-grid offsets: ``Q[a] = ePSF(B @ (a - centre))``, ``(2 half + 1)^2``.
 
-    ``B`` (2, 2) maps model-pixel offsets ``(dx, dy)`` to epoch-pixel offsets. Values keep the
-    epoch normalisation (a point source of unit flux puts ``Q`` summed over epoch pixels = 1),
-    so convolving a host in nJy per model pixel with ``Q`` and sampling at the epoch's pixel
-    centres gives nJy per epoch pixel.
+    ``psf`` is the native-sampling PSF (unit sum). Values between its samples come from the same
+    trigonometric (sinc) interpolation, with the same ``period``, that the point-source renderer
+    applies through its FFT, so host light and point sources see one and the same PSF. ``B``
+    (2, 2) maps model-pixel offsets ``(dx, dy)`` to epoch-pixel offsets. Values keep the epoch
+    normalisation, so convolving a host in nJy per model pixel with ``Q`` and sampling at the
+    epoch's pixel centres gives nJy per epoch pixel.
     """
-    k = int(oversample)
     psf = np.asarray(psf, dtype=float)
-    psf = psf / (psf.sum() / k**2)  # unit sum at native sampling
     cy, cx = psf.shape[0] // 2, psf.shape[1] // 2
     off = np.arange(-half, half + 1, dtype=float)
     dx, dy = np.meshgrid(off, off)
-    ex = epoch_px_per_model_px[0, 0] * dx + epoch_px_per_model_px[0, 1] * dy
-    ey = epoch_px_per_model_px[1, 0] * dx + epoch_px_per_model_px[1, 1] * dy
-    coords = np.array([cy + k * ey, cx + k * ex])
-    return ndimage.map_coordinates(psf, coords, order=3, mode="constant", cval=0.0)
+    ex = (epoch_px_per_model_px[0, 0] * dx + epoch_px_per_model_px[0, 1] * dy).ravel()
+    ey = (epoch_px_per_model_px[1, 0] * dx + epoch_px_per_model_px[1, 1] * dy).ravel()
+    kx = _dirichlet(ex[:, None] - (np.arange(psf.shape[1]) - cx)[None, :], period)
+    ky = _dirichlet(ey[:, None] - (np.arange(psf.shape[0]) - cy)[None, :], period)
+    q = np.einsum("pi,ij,pj->p", ky, psf, kx)
+    return q.reshape(dx.shape)
 
 
 def centred_fft(stamp: np.ndarray, shape: tuple[int, int]) -> np.ndarray:

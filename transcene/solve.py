@@ -130,6 +130,7 @@ def _local_prec(stack: EpochStack) -> jax.Array:
     return jnp.stack([pinned, z, stack.shift_prec, stack.shift_prec], axis=-1)
 
 
+@eqx.filter_jit
 def objective(scene: Scene, stacks: tuple[EpochStack, ...], grid: ModelGrid, pa: PriorArrays) -> jax.Array:
     """-2 log posterior (up to a constant): chi^2 plus the prior energies."""
     total = global_prior(scene.glob, pa, grid)
@@ -141,6 +142,7 @@ def objective(scene: Scene, stacks: tuple[EpochStack, ...], grid: ModelGrid, pa:
     return total
 
 
+@eqx.filter_jit
 def chi2_per_epoch(scene: Scene, stacks: tuple[EpochStack, ...], grid: ModelGrid) -> tuple[jax.Array, ...]:
     out = []
     for loc, st in zip(scene.local, stacks):
