@@ -202,11 +202,10 @@ def make_dataset(
     to_model = np.diag([-1.0 / scale_m, 1.0 / scale_m])
 
     # PSF half-sizes (native pixels): the whole PSF, but never beyond the fitted region + margin
-    psf_half = []
-    for ep, g in zip(epochs, geo):
-        nat = native_psf(ep.psf, ep.psf_oversample)
-        lim = int(math.ceil(fit_radius / g[2])) + 2
-        psf_half.append(min(nat.shape[0] // 2, lim))
+    natives = [native_psf(ep.psf, ep.psf_oversample) for ep in epochs]
+    psf_half = [
+        min(nat.shape[0] // 2, int(math.ceil(fit_radius / g[2])) + 2) for nat, g in zip(natives, geo)
+    ]
     rq = max(int(math.ceil(h * g[2] / scale_m)) + 1 for h, g in zip(psf_half, geo))
     # Host parameters cover exactly the fitted region: host pixels outside it would be seen only
     # through PSF wings, and such weakly constrained pixels make the linear solves converge
@@ -220,7 +219,7 @@ def make_dataset(
 
     # crop each epoch to the fitted region
     items = []
-    for ep, g, h in zip(epochs, geo, psf_half):
+    for ep, g, h, nat in zip(epochs, geo, psf_half, natives):
         p0, a, scale, _ = g
         hw = int(math.ceil(fit_radius / scale * math.sqrt(2))) + 1
         ny, nx = ep.shape
@@ -247,7 +246,7 @@ def make_dataset(
         c = ep.njy_per_unit
         img = np.where(w > 0, img * c, 0.0)
         w = w / c**2
-        items.append(dict(ep=ep, img=img, w=w, p0=pc, a=a, ainv=ainv, scale=scale, h=h, x0=x0, y0=y0))
+        items.append(dict(ep=ep, img=img, w=w, p0=pc, a=a, ainv=ainv, scale=scale, h=h, x0=x0, y0=y0, nat=nat))
     if not items:
         raise DatasetError("every epoch is fully masked within the fitted region")
 
@@ -303,7 +302,7 @@ def make_dataset(
             ny, nx = it["img"].shape
             data[slot, :ny, :nx] = it["img"]
             weight[slot, :ny, :nx] = it["w"]
-            nat = crop_psf(native_psf(ep.psf, ep.psf_oversample), it["h"])
+            nat = crop_psf(it["nat"], it["h"])
             nat = nat / nat.sum()
             psf_hat[slot] = centred_fft(nat, (nf, nf))
             b_mat = it["a"] @ np.linalg.inv(to_model)  # epoch px per model px

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import time
@@ -33,7 +32,6 @@ ProgressCallback = Callable[[int, int, str], None]
 def initial_scene(ds: Dataset, host: Literal["pixel", "sersic"] = "pixel", stars: SkyCoord | None = None) -> Scene:
     """A starting point: empty host, transient at the target, no shifts, zero fluxes and skies."""
     nb = len(ds.bands)
-    m = ds.grid.size
     if host == "pixel":
         h = PixelHost(image=jnp.zeros((nb, ds.grid.host_size, ds.grid.host_size)))
     elif host == "sersic":
