@@ -589,3 +589,19 @@ def test_fit_pulls_are_sane(fit_results):
     pulls = np.concatenate(pulls)
     assert np.all(np.abs(pulls) < 4.0), pulls
     assert 0.2 < np.mean(pulls**2) < 2.5, pulls
+
+
+def test_nystrom_flux_covariance_is_close_to_and_below_the_exact_one(fit_results):
+    """With fewer probes than free epochs the host term is a Nystrom approximation of a PSD
+    matrix: never above the exact one (Loewner order), and close because its spectrum falls
+    steeply."""
+    from transcene.solve import Priors, flux_covariance, prior_arrays
+
+    ds, res, _ = fit_results[0]
+    pa = prior_arrays(ds, Priors(), np.zeros((0, 2)))
+    exact, *_ = flux_covariance(res.scene, ds.stacks, ds.grid, pa, probes=64)
+    approx, *_ = flux_covariance(res.scene, ds.stacks, ds.grid, pa, probes=2)
+    np.testing.assert_allclose(np.diag(exact), np.diag(res.flux_cov), rtol=1e-6)
+    diff = exact - approx
+    assert np.linalg.eigvalsh(0.5 * (diff + diff.T)).min() > -1e-6 * np.abs(exact).max()
+    np.testing.assert_allclose(np.sqrt(np.diag(approx)), np.sqrt(np.diag(exact)), rtol=0.02)

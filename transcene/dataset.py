@@ -4,7 +4,7 @@
 leading epoch axis, in nJy. ``ModelGrid`` (traced) is the host's pixel grid on the tangent plane
 at the target. ``Dataset`` (plain Python, never traced) holds the stacks, the grid, the target and
 the per-epoch metadata table. Shapes are padded to buckets (image side to a multiple of 16, epoch
-count to the next power of two) so that compiled programs are reused across targets and nights.
+count to the next 2^k or 1.5 x 2^k) so that compiled programs are reused across targets and nights.
 """
 
 from __future__ import annotations
@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 
 #: prior precision (arcsec^-2) that pins an astrometric shift at zero
 PINNED = 1e16
+#: default fitted half-side: this many times the largest PSF FWHM, at least DEFAULT_RADIUS_MIN arcsec
+DEFAULT_RADIUS_FWHM = 4.0
+DEFAULT_RADIUS_MIN = 8.0
 
 
 class EpochStack(eqx.Module):
@@ -130,7 +133,17 @@ def _bucket(n: int, multiple: int) -> int:
 
 
 def _epoch_bucket(n: int) -> int:
-    return 1 if n <= 1 else int(2 ** math.ceil(math.log2(n)))
+    """Smallest of 1, 2, 3, 4, 6, 8, 12, 16, 24, ... (2^k and 1.5 x 2^k) that holds ``n``.
+
+    Few distinct shapes (compiled programs are reused) at most 33 % padding (padded slots cost
+    as much as real epochs in every pass).
+    """
+    b = 1
+    while True:
+        for c in (b, 3 * b // 2 if b >= 2 else b):
+            if c >= n:
+                return c
+        b *= 2
 
 
 def _fft_size(n: int) -> int:
@@ -161,12 +174,13 @@ def make_dataset(
     Args:
         epochs: epoch records (any mix of surveys, sizes, orientations, bands).
         target: the transient's (prior) position; the model grid's tangent point.
-        fit_radius: half-side in arcsec of the square region fitted (default: the median over
-            epochs of the largest square about the target that fits in the image).
+        fit_radius: half-side in arcsec of the square region fitted (default: 4 x the largest
+            PSF FWHM, at least 8 arcsec, at most the median over epochs of the largest square
+            about the target that fits in the image).
         model_oversample: model pixels per finest epoch pixel (side).
         zero_before: MJD; epochs before it are treated as transient-free (flux fixed to 0).
         shift_prior: prior standard deviation of each epoch's astrometric shift, arcsec.
-        pad_epochs: pad epoch counts to powers of two so compiled programs are reused.
+        pad_epochs: pad epoch counts to buckets (2^k or 1.5 x 2^k) so compiled programs are reused.
     """
     if len(epochs) == 0:
         raise DatasetError("no epochs to fit")
@@ -191,7 +205,10 @@ def make_dataset(
         raise DatasetError(f"target {target.to_string('hmsdms')} is outside every epoch's footprint")
     epochs = kept
     if fit_radius is None:
-        fit_radius = float(np.median([g[3] for g in geo]))
+        # The transient's flux is informed by the pixels within a few PSF widths of it; a wider
+        # region adds host pixels (cost grows as its area) and little information.
+        fwhm_max = max(psf_fwhm(ep.psf, ep.psf_oversample) * g[2] for ep, g in zip(epochs, geo))
+        fit_radius = min(float(np.median([g[3] for g in geo])), max(DEFAULT_RADIUS_MIN, DEFAULT_RADIUS_FWHM * fwhm_max))
     fit_radius = float(fit_radius)
     if not fit_radius > 0:
         raise DatasetError(f"fit_radius must be > 0 arcsec, got {fit_radius}")

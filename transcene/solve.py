@@ -61,6 +61,7 @@ class PriorArrays(eqx.Module):
     host_prec: jax.Array  # [band, m, m//2+1] prior precision per Fourier mode
     host_precond: jax.Array  # [band, m, m//2+1] data + prior precision per mode (approx.)
     position_prec: jax.Array
+    position_centre: jax.Array
     star_centre: jax.Array
     star_prec: jax.Array
     sersic_centre_prec: jax.Array
@@ -93,6 +94,7 @@ def prior_arrays(ds: Dataset, priors: Priors, star_centre: np.ndarray) -> PriorA
         host_prec=jnp.asarray(spec),
         host_precond=jnp.asarray(dens + spec),
         position_prec=jnp.asarray(1.0 / priors.position**2),
+        position_centre=jnp.zeros(2),
         star_centre=jnp.asarray(star_centre, dtype=float).reshape(-1, 2),
         star_prec=jnp.asarray(1.0 / priors.star_position**2),
         sersic_centre_prec=jnp.asarray(1.0 / priors.sersic_centre**2),
@@ -111,7 +113,7 @@ def _fourier_quad(img: jax.Array, spec: jax.Array) -> jax.Array:
 
 def global_prior(glob: SceneGlobal, pa: PriorArrays, grid: ModelGrid) -> jax.Array:
     """Quadratic prior energy (-2 log prior + const) of the global parameters."""
-    e = pa.position_prec * jnp.sum(glob.position**2)
+    e = pa.position_prec * jnp.sum((glob.position - pa.position_centre) ** 2)
     e = e + pa.star_prec * jnp.sum((glob.star_position - pa.star_centre) ** 2)
     h = glob.host
     if isinstance(h, PixelHost):
@@ -272,7 +274,7 @@ def _make_solver(sysd, glob: SceneGlobal, grid: ModelGrid, pa: PriorArrays):
         zh = grid.crop(jnp.fft.irfft2(jnp.fft.rfft2(rh) / pa.host_precond, s=(m, m))).reshape(-1)
         return jnp.concatenate([zh, block_inv @ r[n_host:]])
 
-    def solve(rhs, tol=1e-6):
+    def solve(rhs, tol=1e-4):
         return _pcg(apply_s, rhs, precond, jnp.zeros_like(rhs), tol, 1000)
 
     return solve, None
@@ -282,7 +284,8 @@ def _make_solver(sysd, glob: SceneGlobal, grid: ModelGrid, pa: PriorArrays):
 def gauss_newton_step(scene: Scene, stacks, grid: ModelGrid, pa: PriorArrays):
     """One Gauss-Newton step for all parameters.
 
-    Returns (step as a Scene, conditional flux variances per stack, cg iterations, cg residual).
+    Returns (step as a Scene, conditional variances ``[e, 4]`` of the local parameters per stack,
+    cg iterations, cg residual).
     """
     sysd = _build(scene, stacks, grid, pa)
     solve, _ = _make_solver(sysd, scene.glob, grid, pa)
@@ -293,21 +296,15 @@ def gauss_newton_step(scene: Scene, stacks, grid: ModelGrid, pa: PriorArrays):
     for ui, p in zip(u, sysd["parts"]):
         c = jnp.einsum("eyxa,eyx->ea", p["jl"], p["w"] * ui)
         dlocal.append(jnp.einsum("eab,eb->ea", p["ninv"], p["b"] - c))
-    fvar = tuple(p["ninv"][:, 0, 0] for p in sysd["parts"])
+    fvar = tuple(jax.vmap(jnp.diag)(p["ninv"]) for p in sysd["parts"])
     return Scene(glob=dglob, local=tuple(dlocal)), fvar, iters, res
 
 
 @eqx.filter_jit
-def flux_covariance(scene: Scene, stacks, grid: ModelGrid, pa: PriorArrays, rank_tol: float = 1e-10):
-    """Covariance of the local parameters' flux entries over all epochs (stacks concatenated).
-
-    Returns ``(cov [E, E], local_var [E, 4], position_cov [2, 2], cg_iterations)`` where E is the
-    total number of (padded) epoch slots in stack order.
-    """
+def _coupling_vectors(scene: Scene, stacks, grid: ModelGrid, pa: PriorArrays):
+    """The ``z_e`` (how each epoch's flux couples to the global parameters) and local variances."""
     sysd = _build(scene, stacks, grid, pa)
     glob = scene.glob
-    solve, s_dense = _make_solver(sysd, glob, grid, pa)
-
     zs = []
     local_var = []
     for loc, st, p in zip(scene.local, stacks, sysd["parts"]):
@@ -323,26 +320,71 @@ def flux_covariance(scene: Scene, stacks, grid: ModelGrid, pa: PriorArrays, rank
         zs.append(batched(one, st.n_epochs)((loc, st, cot0)))
         local_var.append(jax.vmap(jnp.diag)(p["ninv"]))
     z = jnp.concatenate(zs, axis=0)  # [E, n_g]
-    ninv00 = jnp.concatenate([p["ninv"][:, 0, 0] for p in sysd["parts"]])
-    u_mat, s_val, vt = jnp.linalg.svd(z, full_matrices=False)
-    keep = s_val > rank_tol * s_val[0]
-    basis = vt * keep[:, None]  # [k, n_g], dropped directions zeroed (shapes stay static)
-    n_g = sysd["n_g"]
-    pos_idx = _position_index(glob)
-    e_pos = jnp.zeros((2, n_g)).at[0, pos_idx].set(1.0).at[1, pos_idx + 1].set(1.0)
-    rhs_all = jnp.concatenate([basis, e_pos], axis=0)
+    return z, jnp.concatenate(local_var, axis=0)
 
-    def solve_one(rhs):
-        x, it, _ = solve(rhs, 1e-6) if s_dense is None else solve(rhs)
+
+@eqx.filter_jit
+def _solve_many(scene: Scene, stacks, grid: ModelGrid, pa: PriorArrays, rhs: jax.Array, tol: float):
+    """S^-1 applied to each row of ``rhs`` (S: the reduced global normal matrix)."""
+    sysd = _build(scene, stacks, grid, pa)
+    solve, s_dense = _make_solver(sysd, scene.glob, grid, pa)
+
+    def solve_one(b):
+        x, it, _ = solve(b, tol) if s_dense is None else solve(b)
         return x, it
 
-    xs, its = jax.vmap(solve_one)(rhs_all)
-    mk = basis @ xs[:-2].T  # [k, k] = V^T S^-1 V
-    us = u_mat * s_val[None, :] * keep[None, :]
-    cov_host = us @ (0.5 * (mk + mk.T)) @ us.T
-    cov = jnp.diag(ninv00) + cov_host
-    pos_cov = xs[-2:][:, jnp.array([pos_idx, pos_idx + 1])]
-    return cov, jnp.concatenate(local_var, axis=0), pos_cov, jnp.max(its)
+    xs, its = jax.vmap(solve_one)(rhs)
+    return xs, jnp.max(its)
+
+
+def flux_covariance(scene: Scene, stacks, grid: ModelGrid, pa: PriorArrays, *, probes: int = 32,
+                    tol: float = 1e-4, seed: int = 0):
+    """Covariance of the epoch fluxes over all epochs (stacks concatenated), marginalised.
+
+    ``Cov = diag(N_e^-1) + M`` with ``M = Z S^-1 Z^T`` (Z: the rows ``z_e``). M is exact when at
+    most ``probes`` epochs have a free flux (one solve per epoch); otherwise it is the Nystrom
+    approximation ``Y (Omega^T Y)^-1 Y^T``, ``Y = M Omega``, from ``probes`` Gaussian probe
+    vectors (fixed ``seed``). M's spectrum falls steeply (one dominant direction per band: host
+    light exactly under the transient, which only transient-free epochs constrain); measured on
+    20 free epochs, 8 probes reproduce every flux error to 6e-4 and 16 probes to 8e-5
+    (tests/test_geometry_render.py checks the approximation against the exact covariance).
+    The Nystrom term is never larger than the exact one (Loewner order), so an error it makes
+    is a slight underestimate. CG errors enter these quadratic forms squared, hence ``tol``.
+
+    Returns ``(cov [E, E], local_var [E, 4], position_cov [2, 2], cg_iterations)`` where E is the
+    total number of (padded) epoch slots in stack order.
+    """
+    z, local_var = _coupling_vectors(scene, stacks, grid, pa)
+    z = np.asarray(z)
+    local_var = np.asarray(local_var)
+    n_e, n_g = z.shape
+    free = np.flatnonzero(np.any(z != 0.0, axis=1))
+    if free.size <= probes:
+        omega = np.zeros((n_e, max(free.size, 1)))
+        omega[free, np.arange(free.size)] = 1.0
+    else:
+        omega = np.zeros((n_e, probes))
+        omega[free] = np.random.default_rng(seed).normal(size=(free.size, probes))
+    k = omega.shape[1]
+    k_pad = 1 << max(k - 1, 0).bit_length()  # bucketed so compiled solves are reused
+    rhs = np.zeros((k_pad + 2, n_g))
+    rhs[:k] = omega.T @ z
+    pos_idx = _position_index(scene.glob)
+    rhs[k_pad, pos_idx] = rhs[k_pad + 1, pos_idx + 1] = 1.0
+    xs, its = _solve_many(scene, stacks, grid, pa, jnp.asarray(rhs), tol)
+    xs = np.asarray(xs)
+    y = z @ xs[:k].T  # [E, k] = M Omega
+    core = omega.T @ y
+    core = 0.5 * (core + core.T)
+    # pseudo-inverse through the eigen-decomposition (the core is PSD up to round-off)
+    lam, vec = np.linalg.eigh(core)
+    good = lam > 1e-12 * max(lam.max(initial=0.0), 1e-300)
+    yv = y @ vec[:, good]
+    m_mat = (yv / lam[good]) @ yv.T
+    cov = np.diag(local_var[:, 0]) + 0.5 * (m_mat + m_mat.T)
+    pos_cov = xs[k_pad:][:, [pos_idx, pos_idx + 1]]
+    log.debug("flux covariance: %d probe solves for %d free epochs, %d CG iterations", k, free.size, int(its))
+    return cov, local_var, pos_cov, int(its)
 
 
 def _position_index(glob: SceneGlobal) -> int:
