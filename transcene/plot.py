@@ -18,6 +18,26 @@ def _colour(band: str, k: int) -> str:
     return _BAND_COLOURS.get(key, f"C{k}")
 
 
+def _focus_on_science(ax, mjd: np.ndarray, ref: np.ndarray) -> None:
+    """Keep the science epochs readable when the references (e.g. templates) are years older.
+
+    If including the reference epochs would squeeze the science epochs into less than a third
+    of the axis, the axis shows the science epochs only and says where the references are.
+    """
+    sci = mjd[~ref]
+    if sci.size == 0 or not ref.any():
+        return
+    span = max(float(sci.max() - sci.min()), 1.0)
+    full = float(max(mjd.max(), sci.max()) - min(mjd.min(), sci.min()))
+    if full <= 3.0 * span:
+        return
+    ax.set_xlim(sci.min() - 0.05 * span, sci.max() + 0.05 * span)
+    outside = mjd[ref][(mjd[ref] < sci.min()) | (mjd[ref] > sci.max())]
+    if outside.size:
+        ax.text(0.01, 0.90, f"{outside.size} reference epoch(s) off axis, MJD {outside.min():.0f}-{outside.max():.0f}",
+                transform=ax.transAxes, va="top", fontsize=8, color="0.3")
+
+
 def plot_lightcurve(
     lc: Table,
     *,
@@ -59,6 +79,7 @@ def plot_lightcurve(
                     j = np.argmin(np.abs(rm - x)) if rm.size else None
                     if j is not None and abs(rm[j] - x) < 1e-3 and np.isfinite(rf[j]) and rf[j] != 0:
                         axr.errorbar(x, f / rf[j] - 1.0, e / abs(rf[j]), fmt="o", ms=3, color=col)
+    _focus_on_science(ax, mjd, ref)
     ax.axhline(0, color="0.5", lw=0.8)
     ax.set_ylabel("flux [nJy]")
     ax.legend(fontsize=8, ncol=2)
