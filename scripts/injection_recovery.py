@@ -26,6 +26,7 @@ import argparse
 import time
 import warnings
 
+import equinox as eqx
 import jax
 import numpy as np
 from astropy.coordinates import SkyCoord
@@ -48,9 +49,7 @@ def crb_at_truth(res, truth: Table) -> np.ndarray:
         rows = np.flatnonzero(np.asarray(ds.epochs["stack"]) == s_idx)
         loc[np.asarray(ds.epochs["slot"])[rows], 0] = np.asarray(truth["flux_true"])[rows]
         local.append(jax.numpy.asarray(loc))
-    glob = scene.glob.__class__(host=scene.glob.host, position=jax.numpy.zeros(2),
-                                star_position=scene.glob.star_position, star_flux=scene.glob.star_flux)
-    truth_scene = scene.__class__(glob=glob, local=tuple(local))
+    truth_scene = eqx.tree_at(lambda s: (s.glob.position, s.local), scene, (jax.numpy.zeros(2), tuple(local)))
     pa = prior_arrays(ds, Priors(), np.asarray(scene.glob.star_position))
     cov, *_ = flux_covariance(truth_scene, ds.stacks, ds.grid, pa)
     offsets = np.cumsum([0] + [st.n_epochs for st in ds.stacks])

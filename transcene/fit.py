@@ -87,40 +87,38 @@ def _nonlinear_weights(step: Scene, lvar) -> Scene:
     return Scene(glob=glob, local=local)
 
 
-def _anderson_trial(hist, wnl, unravel, obj, stacks, grid, pa):
-    """Anderson-mixed point from the (x, GN step) history, if it lowers the objective."""
+def _anderson_point(hist, wnl, unravel):
+    """Anderson-mixed point from the (x, GN step) history, or None."""
     xs = np.stack([h[0] for h in hist])
     fs = np.stack([h[1] for h in hist])
     dx = np.diff(xs, axis=0).T  # [n, k]
     df = np.diff(fs, axis=0).T
     sel = wnl > 0
     if not np.any(sel):
-        return None, obj
+        return None
     gamma, *_ = np.linalg.lstsq(df[sel] * wnl[sel, None], fs[-1][sel] * wnl[sel], rcond=1e-10)
     x_new = xs[-1] + fs[-1] - (dx + df) @ gamma
-    if not np.all(np.isfinite(x_new)):
-        return None, obj
-    trial = unravel(jnp.asarray(x_new))
-    new = float(objective(trial, stacks, grid, pa))
-    gn = unravel(jnp.asarray(xs[-1] + fs[-1]))
-    new_gn = float(objective(gn, stacks, grid, pa))
-    if new_gn < new:
-        trial, new = gn, new_gn
-    if np.isfinite(new) and new <= obj + 1e-9 * abs(obj):
-        return trial, new
-    return None, obj
+    return unravel(jnp.asarray(x_new)) if np.all(np.isfinite(x_new)) else None
 
 
-def _line_search(scene, step, obj, stacks, grid, pa):
-    """Backtracking: the largest of 1, 1/2, 1/4... that does not increase the objective."""
+def _line_search(scene, step, obj, stacks, grid, pa, extra=None):
+    """Backtracking: the largest of 1, 1/2, 1/4... that does not increase the objective.
+
+    ``extra`` (an alternative point, e.g. Anderson-mixed) is tried alongside the full step and
+    the lower of the two is taken. Returns ``(point, objective, alpha, took_extra)``.
+    """
     alpha = 1.0
     for _ in range(12):
         trial = jax.tree_util.tree_map(lambda a, d: a + alpha * d, scene, step)
         new = float(objective(trial, stacks, grid, pa))
+        if alpha == 1.0 and extra is not None:
+            new_x = float(objective(extra, stacks, grid, pa))
+            if np.isfinite(new_x) and new_x <= obj + 1e-9 * abs(obj) and not new < new_x:
+                return extra, new_x, alpha, True
         if np.isfinite(new) and new <= obj + 1e-9 * abs(obj):
-            return trial, new, alpha
+            return trial, new, alpha, False
         alpha *= 0.5
-    return None, obj, 0.0
+    return None, obj, 0.0, False
 
 
 def _step_sizes(step: Scene, lvar, stacks, alpha: float) -> tuple[float, float, float]:
@@ -180,8 +178,8 @@ def fit(
     pa = prior_arrays(ds, priors, star_centre)
     stacks = ds.stacks
     if not fit_shifts:
-        # a prior of 1e-8 arcsec pins the shifts at zero without changing the algebra
-        stacks = tuple(eqx.tree_at(lambda s: s.shift_prec, st, jnp.full_like(st.shift_prec, 1e16)) for st in stacks)
+        # a rigid prior pins the shifts at zero without changing the algebra
+        stacks = tuple(eqx.tree_at(lambda s: s.shift_prec, st, jnp.full_like(st.shift_prec, PINNED)) for st in stacks)
     grid = ds.grid
     obj = float(objective(scene, stacks, grid, pa))
     history = [obj]
@@ -205,20 +203,15 @@ def fit(
         step, lvar, cg_it, cg_res = gauss_newton_step(scene, stacks, grid, pa)
         cg_total += int(cg_it)
         _check_cg(cg_it, cg_res)
-        trial, new, alpha = None, obj, 0.0
-        x = np.asarray(ravel_pytree(scene)[0])
-        f = np.asarray(ravel_pytree(step)[0])
-        wnl = np.asarray(ravel_pytree(_nonlinear_weights(step, lvar))[0])
-        hist.append((x, f))
+        hist.append((np.asarray(ravel_pytree(scene)[0]), np.asarray(ravel_pytree(step)[0])))
         del hist[: -(ANDERSON_DEPTH + 1)]
+        mixed = None
         if len(hist) >= 2:
-            trial, new = _anderson_trial(hist, wnl, unravel, obj, stacks, grid, pa)
-            if trial is not None:
-                alpha, n_anderson = 1.0, n_anderson + 1
-        if trial is None:
-            trial, new, alpha = _line_search(scene, step, obj, stacks, grid, pa)
-            if alpha != 1.0:
-                hist.clear()
+            mixed = _anderson_point(hist, np.asarray(ravel_pytree(_nonlinear_weights(step, lvar))[0]), unravel)
+        trial, new, alpha, took_mixed = _line_search(scene, step, obj, stacks, grid, pa, extra=mixed)
+        n_anderson += int(took_mixed)
+        if alpha != 1.0:
+            hist.clear()
         n_iter = it
         if trial is None:
             status = "line_search_failed"

@@ -301,15 +301,17 @@ def gauss_newton_step(scene: Scene, stacks, grid: ModelGrid, pa: PriorArrays):
 
 
 @eqx.filter_jit
-def _coupling_vectors(scene: Scene, stacks, grid: ModelGrid, pa: PriorArrays):
-    """The ``z_e`` (how each epoch's flux couples to the global parameters) and local variances."""
+def _covariance_solves(scene: Scene, stacks, grid: ModelGrid, pa: PriorArrays, probes_t: jax.Array,
+                       e_pos: jax.Array, tol: float):
+    """The ``z_e`` (how each epoch's flux couples to the global parameters), the local
+    variances, and ``S^-1`` applied to ``probes_t @ Z`` and to the rows of ``e_pos``, all from one
+    linearisation (S: the reduced global normal matrix)."""
     sysd = _build(scene, stacks, grid, pa)
     glob = scene.glob
     zs = []
     local_var = []
     for loc, st, p in zip(scene.local, stacks, sysd["parts"]):
-        cot = p["w"][..., None] * jnp.einsum("eyxa,eab->eyxb", p["jl"], p["ninv"])  # [e,y,x,4]
-        cot0 = cot[..., 0]
+        cot0 = p["w"] * jnp.einsum("eyxa,ea->eyx", p["jl"], p["ninv"][:, :, 0])
 
         def one(args):
             l, ep, c = args
@@ -320,21 +322,14 @@ def _coupling_vectors(scene: Scene, stacks, grid: ModelGrid, pa: PriorArrays):
         zs.append(batched(one, st.n_epochs)((loc, st, cot0)))
         local_var.append(jax.vmap(jnp.diag)(p["ninv"]))
     z = jnp.concatenate(zs, axis=0)  # [E, n_g]
-    return z, jnp.concatenate(local_var, axis=0)
-
-
-@eqx.filter_jit
-def _solve_many(scene: Scene, stacks, grid: ModelGrid, pa: PriorArrays, rhs: jax.Array, tol: float):
-    """S^-1 applied to each row of ``rhs`` (S: the reduced global normal matrix)."""
-    sysd = _build(scene, stacks, grid, pa)
-    solve, s_dense = _make_solver(sysd, scene.glob, grid, pa)
+    solve, s_dense = _make_solver(sysd, glob, grid, pa)
 
     def solve_one(b):
         x, it, _ = solve(b, tol) if s_dense is None else solve(b)
         return x, it
 
-    xs, its = jax.vmap(solve_one)(rhs)
-    return xs, jnp.max(its)
+    xs, its = jax.vmap(solve_one)(jnp.concatenate([probes_t @ z, e_pos], axis=0))
+    return z, jnp.concatenate(local_var, axis=0), xs, jnp.max(its)
 
 
 def flux_covariance(scene: Scene, stacks, grid: ModelGrid, pa: PriorArrays, *, probes: int = 32,
@@ -354,11 +349,9 @@ def flux_covariance(scene: Scene, stacks, grid: ModelGrid, pa: PriorArrays, *, p
     Returns ``(cov [E, E], local_var [E, 4], position_cov [2, 2], cg_iterations)`` where E is the
     total number of (padded) epoch slots in stack order.
     """
-    z, local_var = _coupling_vectors(scene, stacks, grid, pa)
-    z = np.asarray(z)
-    local_var = np.asarray(local_var)
-    n_e, n_g = z.shape
-    free = np.flatnonzero(np.any(z != 0.0, axis=1))
+    # epochs whose flux is free (the z rows of the others are exactly zero)
+    free = np.flatnonzero(np.concatenate([np.asarray(st.free_flux * st.valid) for st in stacks]) > 0)
+    n_e = sum(st.n_epochs for st in stacks)
     if free.size <= probes:
         omega = np.zeros((n_e, max(free.size, 1)))
         omega[free, np.arange(free.size)] = 1.0
@@ -367,12 +360,14 @@ def flux_covariance(scene: Scene, stacks, grid: ModelGrid, pa: PriorArrays, *, p
         omega[free] = np.random.default_rng(seed).normal(size=(free.size, probes))
     k = omega.shape[1]
     k_pad = 1 << max(k - 1, 0).bit_length()  # bucketed so compiled solves are reused
-    rhs = np.zeros((k_pad + 2, n_g))
-    rhs[:k] = omega.T @ z
+    omega_t = np.zeros((k_pad, n_e))
+    omega_t[:k] = omega.T
+    n_g = ravel_pytree(scene.glob)[0].shape[0]
     pos_idx = _position_index(scene.glob)
-    rhs[k_pad, pos_idx] = rhs[k_pad + 1, pos_idx + 1] = 1.0
-    xs, its = _solve_many(scene, stacks, grid, pa, jnp.asarray(rhs), tol)
-    xs = np.asarray(xs)
+    e_pos = np.zeros((2, n_g))
+    e_pos[0, pos_idx] = e_pos[1, pos_idx + 1] = 1.0
+    z, local_var, xs, its = _covariance_solves(scene, stacks, grid, pa, jnp.asarray(omega_t), jnp.asarray(e_pos), tol)
+    z, local_var, xs = np.asarray(z), np.asarray(local_var), np.asarray(xs)
     y = z @ xs[:k].T  # [E, k] = M Omega
     core = omega.T @ y
     core = 0.5 * (core + core.T)
