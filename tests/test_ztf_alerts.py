@@ -13,7 +13,11 @@ from transcene.epoch import Epoch
 from transcene.errors import EpochFileError
 from transcene.ztf_alerts import (
     ZTF_SATURATE,
+    _band_wing,
+    _read_alert,
     _shape_matrix,
+    _wing_ratio,
+    _with_wing,
     fit_moffat,
     moffat_image,
     moffat_psf,
@@ -81,6 +85,53 @@ def test_moffat_psf_stamp_is_centred_unit_sum():
     _check_psf(moffat_psf(_shape_matrix(2.6, 1.8, 0.4, 2.3), 2.3))
 
 
+def test_psf_wing_measured_and_restored():
+    """A PSF with a 4 % Gaussian shoulder: the 6 px Moffat fit misses it and reads low; the
+    aperture ratios measure it and the winged PSF gives the true flux back."""
+    beta, sig_w, frac = 4.0, 3.5, 0.04
+    smat = _shape_matrix(2.1, 2.1, 0.0, beta)
+    yy, xx = np.indices((63, 63), dtype=float)
+    rng = np.random.default_rng(3)
+    fakes, low = [], []
+    for k in range(5):
+        x0, y0 = 31.0 + 0.13 * k, 30.8 + 0.07 * k
+        core = moffat_image((63, 63), x0, y0, smat, beta, flux=1.0, oversample=15)
+        wing = np.exp(-0.5 * ((xx - x0) ** 2 + (yy - y0) ** 2) / sig_w**2)
+        truth = 3e5 * ((1 - frac) * core + frac * wing / wing.sum())
+        var = 400.0 + truth / 6.2
+        img = truth + rng.normal(size=truth.shape) * np.sqrt(var)
+        fit = fit_moffat(img, var, np.zeros(img.shape, bool), 31.0, 31.0, beta=beta)
+        assert fit.flux < 3e5 * (1 - 0.25 * frac)  # (most of) the shoulder is missed
+        low.append(3e5 / fit.flux - 1.0)
+        ratio, snr = _wing_ratio(img, var, fit)
+        assert snr > 100 and ratio[1] > ratio[0] > 1.0
+        fakes.append(type("A", (), dict(wing_ratio=ratio, wing_snr=snr, saturated_core=False))())
+    got_frac, got_sigma = _band_wing(fakes)
+    # the Moffat fit absorbs part of the shoulder (into its constant); the measured fraction is
+    # what its flux misses, up to the shoulder's light beyond 8 px (0.3 % here, not counted)
+    assert got_frac == pytest.approx(np.median(low), abs=0.006)
+    assert 2.0 < got_sigma < 6.0
+    psf = _with_wing(moffat_psf(smat, beta), got_frac, got_sigma)
+    _check_psf(psf)
+    # PSF photometry of the last image with the winged PSF: weighted linear amplitude
+    c = 12
+    iy, ix = int(round(y0)), int(round(x0))
+    cut = img[iy - c : iy + c + 1, ix - c : ix + c + 1]
+    w = 1.0 / var[iy - c : iy + c + 1, ix - c : ix + c + 1]
+    # the winged PSF (the fitted Moffat core + the measured wing) at the source's sub-pixel position
+    core = moffat_image(cut.shape, c + fit.x0 - ix, c + fit.y0 - iy, fit.smat, beta, flux=1.0, oversample=15)
+    g = np.exp(-0.5 * ((np.arange(2 * c + 1)[None] - c - x0 + ix) ** 2
+                       + (np.arange(2 * c + 1)[:, None] - c - y0 + iy) ** 2) / got_sigma**2)
+    model = (1 - got_frac) * core / core.sum() + got_frac * g / g.sum()
+    amp = np.sum(w * model * cut) / np.sum(w * model**2)
+    assert amp == pytest.approx(3e5, rel=0.01)
+    # nothing to correct: no light beyond the Moffat, or too few significant alerts
+    flat = [type("A", (), dict(wing_ratio=(0.995, 0.99), wing_snr=50.0, saturated_core=False))()] * 4
+    assert _band_wing(flat) == (0.0, pytest.approx(float("nan"), nan_ok=True))
+    assert _band_wing(fakes[:2])[0] == 0.0
+    assert _with_wing(psf, 0.0, 3.0) is psf
+
+
 # --- real alert cutouts ---------------------------------------------------------------------
 
 
@@ -138,6 +189,10 @@ def test_all_sn2021rhu_epochs():
     for e in epochs:
         _check_psf(e.psf)
         assert np.all(e.variance[~e.mask] > 0)
+    # the shoulder the Moffat cores miss, measured on DIFFERENCE (module docstring)
+    alerts = [_read_alert(p) for p in sorted(CUTOUTS.glob("*_ztfg.fits"))]
+    frac, sigma = _band_wing(alerts)
+    assert 0.02 < frac < 0.05 and 2.5 < sigma < 5.0
 
 
 @pytest.fixture
