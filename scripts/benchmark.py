@@ -1,82 +1,123 @@
 """Speed and memory benchmark of the core fit (not a test: machines are shared and noisy).
 
-For each epoch count N (default 10 100 1000) it simulates N epochs of SIZE x SIZE cutouts and
-reports: dataset build time, compile time of one Gauss-Newton step, time per
-likelihood+gradient evaluation, time to a converged fit with flux uncertainties, and the peak
-resident memory of the process.
+For each epoch count N (default 10 100 1000) it simulates N epochs of SIZE x SIZE cutouts (10 %
+of them transient-free references, 2 bands, seeing 1.5-3", rotated epochs) and reports:
 
-Usage: python scripts/benchmark.py [--epochs 10 100 1000] [--size 64] [--out bench.ecsv]
+* build_s: reading the epochs into a Dataset;
+* compile_value_grad_s / value_grad_s: compile time and time per likelihood+gradient;
+* compile_gn_step_s / gn_step_s, gn_cg_iterations: one Gauss-Newton step (a CG solve of the
+  reduced normal equations, tolerance as in a fit's first phase);
+* covariance_s: the marginal flux covariance (16-probe Nystrom above 16 free epochs);
+* fit_with_errors_s, gn_iterations, status: a whole fit with uncertainties (only for
+  N <= --max-fit-epochs; above it the fit time is not measured);
+* peak_rss_mb: the process's peak resident memory (each N runs in its own process).
+
+Usage: python scripts/benchmark.py [--epochs 10 100 1000] [--size 64] [--max-fit-epochs 200]
+       [--out bench.ecsv]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import resource
+import subprocess
+import sys
 import time
-
-import jax
-import numpy as np
-from astropy.coordinates import SkyCoord
-from astropy.table import Table
-import astropy.units as u
-
-import transcene as ts
-from transcene.fit import initial_scene
-from transcene.simulate import SimulationConfig, simulate
-from transcene.solve import Priors, gauss_newton_step, objective, prior_arrays
 
 
 def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def run(n: int, size: int) -> dict:
-    cfg = SimulationConfig(n_epochs=max(n - max(n // 10, 1), 1), n_reference=max(n // 10, 1), size=size,
-                           bands=("g", "r"), psf_size=25, seed=n)
+def _timed(fn, reps: int = 1):
+    import jax
+
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        out = jax.block_until_ready(fn())
+    return out, (time.perf_counter() - t0) / reps
+
+
+def run(n: int, size: int, do_fit: bool) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from astropy.coordinates import SkyCoord
+    import astropy.units as u
+
+    import transcene as ts
+    from transcene.fit import PHASE1_TOL, initial_scene
+    from transcene.simulate import SimulationConfig, simulate
+    from transcene.solve import Priors, flux_covariance, gauss_newton_step, objective, prior_arrays
+
+    n_ref = max(n // 10, 1)
+    cfg = SimulationConfig(n_epochs=max(n - n_ref, 1), n_reference=n_ref, size=size, bands=("g", "r"),
+                           psf_size=25, seed=n)
     eps, truth = simulate(cfg)
     target = SkyCoord(truth.meta["transient_ra"] * u.deg, truth.meta["transient_dec"] * u.deg)
     t0 = time.perf_counter()
     ds = ts.make_dataset(eps, target)
-    t_build = time.perf_counter() - t0
+    row = dict(n_epochs=n, size=size, grid=ds.grid.size, fit_radius_arcsec=ds.fit_radius,
+               build_s=time.perf_counter() - t0)
     scene = initial_scene(ds)
     pa = prior_arrays(ds, Priors(), np.zeros((0, 2)))
     vg = jax.jit(jax.value_and_grad(lambda s: objective(s, ds.stacks, ds.grid, pa)))
+    _, row["compile_value_grad_s"] = _timed(lambda: vg(scene))
+    _, row["value_grad_s"] = _timed(lambda: vg(scene), reps=3)
+    tol = jnp.asarray(PHASE1_TOL)
+    _, row["compile_gn_step_s"] = _timed(lambda: gauss_newton_step(scene, ds.stacks, ds.grid, pa, tol))
+    out, row["gn_step_s"] = _timed(lambda: gauss_newton_step(scene, ds.stacks, ds.grid, pa, tol))
+    row["gn_cg_iterations"] = int(out[2])
+    step = out[0]
+    start = jax.tree_util.tree_map(lambda a, d: a + d, scene, step)
     t0 = time.perf_counter()
-    jax.block_until_ready(vg(scene))
-    t_compile_vg = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    reps = 3
-    for _ in range(reps):
-        jax.block_until_ready(vg(scene))
-    t_vg = (time.perf_counter() - t0) / reps
-    t0 = time.perf_counter()
-    jax.block_until_ready(gauss_newton_step.lower(scene, ds.stacks, ds.grid, pa).compile())
-    t_compile_gn = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    res = ts.fit(ds)
-    t_fit = time.perf_counter() - t0
-    lc = res.lightcurve()
-    sel = ~np.asarray(lc["is_reference"])
-    pulls = (np.asarray(lc["flux"]) - np.asarray(truth["flux_true"]))[sel] / np.asarray(lc["flux_err"])[sel]
-    return dict(n_epochs=n, size=size, grid=ds.grid.size, build_s=t_build, compile_value_grad_s=t_compile_vg,
-                value_grad_s=t_vg, compile_gn_step_s=t_compile_gn, fit_with_errors_s=t_fit,
-                gn_iterations=res.n_iter, status=res.status, peak_rss_mb=_peak_mb(),
-                pull_mean=float(np.mean(pulls)), pull_std=float(np.std(pulls)))
+    flux_covariance(start, ds.stacks, ds.grid, pa)
+    row["covariance_s"] = time.perf_counter() - t0  # includes its compilation
+    if do_fit:
+        t0 = time.perf_counter()
+        res = ts.fit(ds)
+        row["fit_with_errors_s"] = time.perf_counter() - t0
+        row["gn_iterations"] = res.n_iter
+        row["status"] = res.status
+        lc = res.lightcurve()
+        sel = ~np.asarray(lc["is_reference"])
+        pulls = (np.asarray(lc["flux"]) - np.asarray(truth["flux_true"]))[sel] / np.asarray(lc["flux_err"])[sel]
+        row["pull_mean"] = float(np.mean(pulls))
+        row["pull_std"] = float(np.std(pulls))
+    row["peak_rss_mb"] = _peak_mb()
+    return row
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--epochs", type=int, nargs="+", default=[10, 100, 1000])
     p.add_argument("--size", type=int, default=64)
+    p.add_argument("--max-fit-epochs", type=int, default=200, help="run whole fits only up to this N")
     p.add_argument("--out", default=None)
+    p.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)  # child process
     args = p.parse_args()
+    if args.one is not None:
+        print(json.dumps(run(args.one, args.size, args.one <= args.max_fit_epochs)), flush=True)
+        return
     rows = []
     for n in args.epochs:
-        r = run(n, args.size)
+        cmd = [sys.executable, __file__, "--one", str(n), "--size", str(args.size),
+               "--max-fit-epochs", str(args.max_fit_epochs)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            print(f"N={n}: failed\n{proc.stderr[-2000:]}", file=sys.stderr, flush=True)
+            continue
+        r = json.loads(proc.stdout.strip().splitlines()[-1])
         rows.append(r)
         print(" ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()), flush=True)
-    if args.out:
-        Table(rows=rows).write(args.out, format="ascii.ecsv", overwrite=True)
+    if args.out and rows:
+        from astropy.table import Table
+
+        keys = list(dict.fromkeys(k for r in rows for k in r))
+        text = {k for r in rows for k, v in r.items() if isinstance(v, str)}
+        cols = {k: [r.get(k, "" if k in text else float("nan")) for r in rows] for k in keys}
+        Table(cols).write(args.out, format="ascii.ecsv", overwrite=True)
 
 
 if __name__ == "__main__":

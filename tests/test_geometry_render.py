@@ -603,5 +603,6 @@ def test_nystrom_flux_covariance_is_close_to_and_below_the_exact_one(fit_results
     approx, *_ = flux_covariance(res.scene, ds.stacks, ds.grid, pa, probes=2)
     np.testing.assert_allclose(np.diag(exact), np.diag(res.flux_cov), rtol=1e-6)
     diff = exact - approx
-    assert np.linalg.eigvalsh(0.5 * (diff + diff.T)).min() > -1e-6 * np.abs(exact).max()
+    # Loewner order up to the CG tolerance (1e-4) of the solves
+    assert np.linalg.eigvalsh(0.5 * (diff + diff.T)).min() > -1e-4 * np.abs(exact).max()
     np.testing.assert_allclose(np.sqrt(np.diag(approx)), np.sqrt(np.diag(exact)), rtol=0.02)

@@ -10,13 +10,15 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     help="Light curves of transients on their host galaxies by joint scene modelling.",
 )
-err = Console(stderr=True)
+# soft_wrap: never break a path or a message across lines (people copy them)
+err = Console(stderr=True, soft_wrap=True, highlight=False)
 
 EXIT_OK, EXIT_NOT_CONVERGED, EXIT_BAD_INPUT, EXIT_ERROR = 0, 1, 2, 3
 
@@ -28,7 +30,7 @@ def _setup(verbose: bool, quiet: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
     def show(message, category, filename, lineno, file=None, line=None):
-        err.print(f"[yellow]warning:[/yellow] {message}")
+        err.print(f"[yellow]warning:[/yellow] {escape(str(message))}")
 
     warnings.showwarning = show
 
@@ -39,7 +41,7 @@ def _fail(exc: BaseException, verbose: bool) -> None:
     if verbose:
         err.print_exception()
     code = EXIT_BAD_INPUT if isinstance(exc, (TransceneError, ValueError, FileNotFoundError)) else EXIT_ERROR
-    err.print(f"[red]error:[/red] {exc}")
+    err.print(f"[red]error:[/red] {escape(str(exc))}")
     raise typer.Exit(code)
 
 

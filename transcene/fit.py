@@ -66,10 +66,15 @@ ANDERSON_DEPTH = 4
 NL_TOL = 0.03
 #: ...and the transient/star position steps below this many arcsec
 POS_TOL = 1e-3
+#: CG relative residual of the phase-1 steps (inexact Gauss-Newton: a step only has to be good
+#: to a fraction of itself; phase 2 and the covariance solve to 1e-4). Measured on 32 epochs:
+#: 522 CG iterations instead of 1281 at 1e-4, the same 12-13 GN iterations, fluxes within
+#: 0.01 sigma and flux errors within 1e-4 of the 1e-4 fit.
+PHASE1_TOL = 1e-2
 
 
-def _check_cg(cg_it, cg_res) -> None:
-    if not np.isfinite(float(cg_res)) or float(cg_res) > 1e-3:
+def _check_cg(cg_it, cg_res, tol: float = 1e-4) -> None:
+    if not np.isfinite(float(cg_res)) or float(cg_res) > 10 * tol:
         log.warning("linear solve reached relative residual %.2e after %d iterations", float(cg_res), int(cg_it))
 
 
@@ -158,6 +163,7 @@ def fit(
     max_iter: int = 20,
     init: Scene | None = None,
     progress: ProgressCallback | None = None,
+    phase1_tol: float = PHASE1_TOL,
 ) -> FitResult:
     """Fit the scene to ``ds`` and return the light curve with Gaussian flux errors.
 
@@ -171,6 +177,7 @@ def fit(
         stars: static point sources (stars, a constant nucleus) to model, as sky coordinates.
         fit_shifts: fit a per-epoch astrometric shift (prior width set in the dataset).
         progress: called as ``progress(step, total, message)``.
+        phase1_tol: CG tolerance of the Gauss-Newton steps before the geometry is frozen.
     """
     t0 = time.perf_counter()
     scene = init if init is not None else initial_scene(ds, host, stars)
@@ -200,9 +207,9 @@ def fit(
     # steps (coefficients from the non-linear parameters in units of their errors, applied to
     # all parameters, which follow the geometry), kept only when it lowers the objective.
     for it in range(1, max_iter + 1):
-        step, lvar, cg_it, cg_res = gauss_newton_step(scene, stacks, grid, pa)
+        step, lvar, cg_it, cg_res = gauss_newton_step(scene, stacks, grid, pa, jnp.asarray(phase1_tol))
         cg_total += int(cg_it)
-        _check_cg(cg_it, cg_res)
+        _check_cg(cg_it, cg_res, phase1_tol)
         hist.append((np.asarray(ravel_pytree(scene)[0]), np.asarray(ravel_pytree(step)[0])))
         del hist[: -(ANDERSON_DEPTH + 1)]
         mixed = None
@@ -246,7 +253,7 @@ def fit(
             lambda p: (p.position_prec, p.position_centre, p.star_prec, p.star_centre), pa,
             (jnp.asarray(PINNED), scene.glob.position, jnp.asarray(PINNED), scene.glob.star_position),
         )
-        step, _, cg_it, cg_res = gauss_newton_step(scene0, frozen, grid, pa_frozen)
+        step, _, cg_it, cg_res = gauss_newton_step(scene0, frozen, grid, pa_frozen, jnp.asarray(1e-4))
         cg_total += int(cg_it)
         _check_cg(cg_it, cg_res)
         trial = jax.tree_util.tree_map(lambda a, d: a + d, scene, _keep_linear(step))
