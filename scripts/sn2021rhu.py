@@ -56,8 +56,9 @@ def main(argv=None) -> int:
         if sel.sum() != 1:
             continue
         z = ref[sel][0]
-        rows.append((float(r["mjd"]), r["band"], float(r["flux"]), float(r["flux_err"]), z["flux"], z["flux_err"]))
-    comp = Table(rows=rows, names=("mjd", "band", "flux", "flux_err", "ztf_flux", "ztf_flux_err"))
+        rows.append((float(r["mjd"]), r["band"], float(r["flux"]), float(r["flux_err"]), z["flux"], z["flux_err"],
+                     float(r["chi2_dof"]), int(r["flags"])))
+    comp = Table(rows=rows, names=("mjd", "band", "flux", "flux_err", "ztf_flux", "ztf_flux_err", "chi2_dof", "flags"))
     comp["ratio"] = comp["flux"] / comp["ztf_flux"]
     comp.write(out / "comparison.ecsv", overwrite=True)
     hi = (comp["ztf_flux"] / comp["ztf_flux_err"] > 20) & (comp["flux"] / comp["flux_err"] > 20)
@@ -65,11 +66,18 @@ def main(argv=None) -> int:
     print(f"status {result.status}, {result.n_iter} iterations, {result.elapsed:.0f} s")
     print(f"{hi.sum()} epochs with S/N > 20: median(transcene/ZTF - 1) = {np.median(d):+.4f}, "
           f"robust scatter = {1.4826 * np.median(np.abs(d - np.median(d))):.4f}")
+    good = hi & ((np.asarray(comp["flags"]) & int(ts.Flag.HIGH_CHI2)) == 0)
     for band in sorted(set(comp["band"])):
-        b = hi & (np.asarray(comp["band"]) == band)
-        db = np.asarray(comp["ratio"][b]) - 1
-        if b.sum():
-            print(f"  {band}: n={b.sum()} median {np.median(db):+.4f} scatter {1.4826 * np.median(np.abs(db - np.median(db))):.4f}")
+        for label, sel in (("", hi), (" without HIGH_CHI2", good)):
+            b = sel & (np.asarray(comp["band"]) == band)
+            db = np.asarray(comp["ratio"][b]) - 1
+            if b.sum():
+                print(f"  {band}{label}: n={b.sum()} median {np.median(db):+.4f} "
+                      f"scatter {1.4826 * np.median(np.abs(db - np.median(db))):.4f}")
+    worst = np.argsort(-np.abs(np.asarray(comp["ratio"]) - 1))[:5]
+    for i in worst:
+        r = comp[i]
+        print(f"  largest: {r['band']} MJD {r['mjd']:.2f} ratio {r['ratio']:.3f} chi2/dof {r['chi2_dof']:.1f}")
     fig = plot_lightcurve(lc, reference=ref, reference_label="ZTF alert PSF", title="SN 2021rhu in NGC 7814")
     fig.savefig(out / "comparison.png", dpi=120)
     return 0
