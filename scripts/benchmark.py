@@ -7,9 +7,8 @@ of them transient-free references, 2 bands, seeing 1.5-3", rotated epochs) and r
 * compile_value_grad_s / value_grad_s: compile time and time per likelihood+gradient;
 * compile_gn_step_s / gn_step_s, gn_cg_iterations: one Gauss-Newton step (a CG solve of the
   reduced normal equations, tolerance as in a fit's first phase);
-* covariance_s: the marginal flux covariance (16-probe Nystrom above 16 free epochs);
-* fit_with_errors_s, gn_iterations, status: a whole fit with uncertainties (only for
-  N <= --max-fit-epochs; above it the fit time is not measured);
+* fit_with_errors_s, gn_iterations, status: a whole fit with uncertainties, compilation
+  included (only for N <= --max-fit-epochs; above it the fit time is not measured);
 * peak_rss_mb: the process's peak resident memory (each N runs in its own process).
 
 Usage: python scripts/benchmark.py [--epochs 10 100 1000] [--size 64] [--max-fit-epochs 200]
@@ -49,7 +48,7 @@ def run(n: int, size: int, do_fit: bool) -> dict:
     import transcene as ts
     from transcene.fit import PHASE1_TOL, initial_scene
     from transcene.simulate import SimulationConfig, simulate
-    from transcene.solve import Priors, flux_covariance, gauss_newton_step, objective, prior_arrays
+    from transcene.solve import Priors, gauss_newton_step, objective, prior_arrays
 
     n_ref = max(n // 10, 1)
     cfg = SimulationConfig(n_epochs=max(n - n_ref, 1), n_reference=n_ref, size=size, bands=("g", "r"),
@@ -69,11 +68,6 @@ def run(n: int, size: int, do_fit: bool) -> dict:
     _, row["compile_gn_step_s"] = _timed(lambda: gauss_newton_step(scene, ds.stacks, ds.grid, pa, tol))
     out, row["gn_step_s"] = _timed(lambda: gauss_newton_step(scene, ds.stacks, ds.grid, pa, tol))
     row["gn_cg_iterations"] = int(out[2])
-    step = out[0]
-    start = jax.tree_util.tree_map(lambda a, d: a + d, scene, step)
-    t0 = time.perf_counter()
-    flux_covariance(start, ds.stacks, ds.grid, pa)
-    row["covariance_s"] = time.perf_counter() - t0  # includes its compilation
     if do_fit:
         t0 = time.perf_counter()
         res = ts.fit(ds)
