@@ -21,7 +21,7 @@ from .geometry import sky_to_offsets
 from .host import PixelHost, SersicHost
 from .result import FitResult
 from .scene import N_LOCAL, Scene, SceneGlobal
-from .solve import Priors, chi2_per_epoch, flux_covariance, gauss_newton_step, objective, prior_arrays
+from .solve import LINEAR_TOL, Priors, flux_covariance, gauss_newton_step, objective_and_chi2, prior_arrays
 
 __all__ = ["fit", "initial_scene"]
 
@@ -68,13 +68,13 @@ NL_TOL = 0.03
 #: ...and the transient/star position steps below this many arcsec
 POS_TOL = 1e-3
 #: CG relative residual of the phase-1 steps (inexact Gauss-Newton: a step only has to be good
-#: to a fraction of itself; phase 2 and the covariance solve to 1e-4). Measured on 32 epochs:
+#: to a fraction of itself; phase 2 and the covariance solve to LINEAR_TOL = 1e-4). Measured on 32 epochs:
 #: 522 CG iterations instead of 1281 at 1e-4, the same 12-13 GN iterations, fluxes within
 #: 0.01 sigma and flux errors within 1e-4 of the 1e-4 fit.
 PHASE1_TOL = 1e-2
 
 
-def _check_cg(cg_it, cg_res, tol: float = 1e-4) -> None:
+def _check_cg(cg_it, cg_res, tol: float = LINEAR_TOL) -> None:
     if not np.isfinite(float(cg_res)) or float(cg_res) > 10 * tol:
         log.warning("linear solve reached relative residual %.2e after %d iterations", float(cg_res), int(cg_it))
 
@@ -111,26 +111,28 @@ def _line_search(scene, step, obj, stacks, grid, pa, extra=None):
     """Backtracking: the largest of 1, 1/2, 1/4... that does not increase the objective.
 
     ``extra`` (an alternative point, e.g. Anderson-mixed) is tried alongside the full step and
-    the lower of the two is taken. Returns ``(point, objective, alpha, took_extra)``.
+    the lower of the two is taken. Returns ``(point, objective, per-epoch chi2, alpha,
+    took_extra)``; point and chi2 are None when no step was accepted.
     """
     alpha = 1.0
     for _ in range(12):
         trial = jax.tree_util.tree_map(lambda a, d: a + alpha * d, scene, step)
-        new = float(objective(trial, stacks, grid, pa))
+        new, chi2 = objective_and_chi2(trial, stacks, grid, pa)
+        new = float(new)
         if alpha == 1.0 and extra is not None:
-            new_x = float(objective(extra, stacks, grid, pa))
+            new_x, chi2_x = objective_and_chi2(extra, stacks, grid, pa)
+            new_x = float(new_x)
             if np.isfinite(new_x) and new_x <= obj + 1e-9 * abs(obj) and not new < new_x:
-                return extra, new_x, alpha, True
+                return extra, new_x, chi2_x, alpha, True
         if np.isfinite(new) and new <= obj + 1e-9 * abs(obj):
-            return trial, new, alpha, False
+            return trial, new, chi2, alpha, False
         alpha *= 0.5
-    return None, obj, 0.0, False
+    return None, obj, None, 0.0, False
 
 
-def _misfit(scene: Scene, stacks, grid, npix) -> tuple[jax.Array, ...]:
+def _misfit(chi2, npix) -> tuple[jax.Array, ...]:
     """Per epoch max(1, chi2/dof): how much larger than the formal errors the real ones are."""
-    return tuple(jnp.maximum(1.0, c / jnp.maximum(n - N_LOCAL, 1)) for c, n in
-                 zip(chi2_per_epoch(scene, stacks, grid), npix))
+    return tuple(jnp.maximum(1.0, c / jnp.maximum(n - N_LOCAL, 1)) for c, n in zip(chi2, npix))
 
 
 def _step_sizes(step: Scene, lvar, stacks, alpha: float, misfit) -> tuple[float, float, float]:
@@ -203,7 +205,8 @@ def fit(
         # a rigid prior pins the shifts at zero without changing the algebra
         stacks = tuple(eqx.tree_at(lambda s: s.shift_prec, st, jnp.full_like(st.shift_prec, PINNED)) for st in stacks)
     grid = ds.grid
-    obj = float(objective(scene, stacks, grid, pa))
+    obj, chi2 = objective_and_chi2(scene, stacks, grid, pa)
+    obj = float(obj)
     history = [obj]
     status = "not_converged"
     n_iter = 0
@@ -231,7 +234,7 @@ def fit(
         mixed = None
         if len(hist) >= 2:
             mixed = _anderson_point(hist, np.asarray(ravel_pytree(_nonlinear_weights(step, lvar))[0]), unravel)
-        trial, new, alpha, took_mixed = _line_search(scene, step, obj, stacks, grid, pa, extra=mixed)
+        trial, new, trial_chi2, alpha, took_mixed = _line_search(scene, step, obj, stacks, grid, pa, extra=mixed)
         n_anderson += int(took_mixed)
         if alpha != 1.0:
             hist.clear()
@@ -239,9 +242,9 @@ def fit(
         if trial is None:
             status = "line_search_failed"
             break
-        dflux, dnl_sigma, dpos = _step_sizes(step, lvar, stacks, alpha, _misfit(trial, stacks, grid, npix))
+        dflux, dnl_sigma, dpos = _step_sizes(step, lvar, stacks, alpha, _misfit(trial_chi2, npix))
         decrease = obj - new
-        scene, obj = trial, new
+        scene, obj, chi2 = trial, new, trial_chi2
         history.append(obj)
         log.debug(
             "GN iteration %d: objective %.6f (decrease %.3g, flux step %.2e sigma, shift step %.2e sigma, "
@@ -269,14 +272,15 @@ def fit(
             lambda p: (p.position_prec, p.position_centre, p.star_prec, p.star_centre), pa,
             (jnp.asarray(PINNED), scene.glob.position, jnp.asarray(PINNED), scene.glob.star_position),
         )
-        step, _, cg_it, cg_res = gauss_newton_step(scene0, frozen, grid, pa_frozen, jnp.asarray(1e-4))
+        step, _, cg_it, cg_res = gauss_newton_step(scene0, frozen, grid, pa_frozen, jnp.asarray(LINEAR_TOL))
         cg_total += int(cg_it)
         _check_cg(cg_it, cg_res)
         trial = jax.tree_util.tree_map(lambda a, d: a + d, scene, _keep_linear(step))
-        new = float(objective(trial, stacks, grid, pa))
+        new, trial_chi2 = objective_and_chi2(trial, stacks, grid, pa)
+        new = float(new)
         log.debug("linear polish: objective %.6f -> %.6f (cg %d, res %.1e)", obj, new, int(cg_it), float(cg_res))
         if new <= obj + 1e-9 * abs(obj):
-            scene, obj = trial, new
+            scene, obj, chi2 = trial, new, trial_chi2
             history.append(obj)
     if status != "converged":
         warnings.warn(
@@ -289,7 +293,7 @@ def fit(
     cov = np.asarray(cov)
     if not np.all(np.isfinite(np.diag(cov))):
         raise FitError("the flux covariance is not finite: the problem is degenerate (check the inputs)")
-    chi2 = [np.asarray(c) for c in chi2_per_epoch(scene, stacks, grid)]
+    chi2 = [np.asarray(c) for c in chi2]  # of the final scene, from its last objective evaluation
     elapsed = time.perf_counter() - t0
     log.info("fit %s in %d iterations (%d Anderson-accelerated; %.1f s, %d CG iterations)", status, n_iter,
              n_anderson, elapsed, cg_total)

@@ -132,25 +132,43 @@ def _local_prec(stack: EpochStack) -> jax.Array:
     return jnp.stack([pinned, z, stack.shift_prec, stack.shift_prec], axis=-1)
 
 
-@eqx.filter_jit
-def objective(scene: Scene, stacks: tuple[EpochStack, ...], grid: ModelGrid, pa: PriorArrays) -> jax.Array:
-    """-2 log posterior (up to a constant): chi^2 plus the prior energies."""
-    total = global_prior(scene.glob, pa, grid)
-    for loc, st in zip(scene.local, stacks):
-        model = render_stack(scene.glob, loc, st, grid)
-        r = st.data - model
-        total = total + jnp.sum(st.weight * r**2)
-        total = total + jnp.sum(_local_prec(st) * loc**2)
-    return total
-
-
-@eqx.filter_jit
-def chi2_per_epoch(scene: Scene, stacks: tuple[EpochStack, ...], grid: ModelGrid) -> tuple[jax.Array, ...]:
+def _chi2_terms(scene: Scene, stacks: tuple[EpochStack, ...], grid: ModelGrid) -> tuple[jax.Array, ...]:
+    """Residual chi^2 per epoch slot, per stack."""
     out = []
     for loc, st in zip(scene.local, stacks):
         model = render_stack(scene.glob, loc, st, grid)
         out.append(jnp.sum(st.weight * (st.data - model) ** 2, axis=(1, 2)))
     return tuple(out)
+
+
+def _posterior_energy(scene: Scene, stacks, grid: ModelGrid, pa: PriorArrays, chi2: tuple[jax.Array, ...]):
+    total = global_prior(scene.glob, pa, grid)
+    for loc, st, c in zip(scene.local, stacks, chi2):
+        total = total + jnp.sum(c) + jnp.sum(_local_prec(st) * loc**2)
+    return total
+
+
+@eqx.filter_jit
+def objective(scene: Scene, stacks: tuple[EpochStack, ...], grid: ModelGrid, pa: PriorArrays) -> jax.Array:
+    """-2 log posterior (up to a constant): chi^2 plus the prior energies."""
+    return _posterior_energy(scene, stacks, grid, pa, _chi2_terms(scene, stacks, grid))
+
+
+@eqx.filter_jit
+def objective_and_chi2(scene: Scene, stacks, grid: ModelGrid, pa: PriorArrays):
+    """``objective`` and the per-epoch chi^2 (per stack) from one rendering pass."""
+    chi2 = _chi2_terms(scene, stacks, grid)
+    return _posterior_energy(scene, stacks, grid, pa, chi2), chi2
+
+
+@eqx.filter_jit
+def chi2_per_epoch(scene: Scene, stacks: tuple[EpochStack, ...], grid: ModelGrid) -> tuple[jax.Array, ...]:
+    """Residual chi^2 per epoch slot, per stack."""
+    return _chi2_terms(scene, stacks, grid)
+
+
+#: CG relative residual of the solves whose results are reported (final linear step, covariance)
+LINEAR_TOL = 1e-4
 
 
 def _pcg(apply_a, b, precond, x0, tol, maxiter):
@@ -303,14 +321,14 @@ def _make_solver(sysd, glob: SceneGlobal, grid: ModelGrid, pa: PriorArrays, defl
             y = y - u.T @ (e_pinv @ (su @ y))
             return y + u.T @ qr
 
-    def solve(rhs, tol=1e-4):
+    def solve(rhs, tol=LINEAR_TOL):
         return _pcg(apply_s, rhs, precond, jnp.zeros_like(rhs), tol, 1000)
 
     return solve, None
 
 
 @eqx.filter_jit
-def gauss_newton_step(scene: Scene, stacks, grid: ModelGrid, pa: PriorArrays, tol: jax.Array | float = 1e-4):
+def gauss_newton_step(scene: Scene, stacks, grid: ModelGrid, pa: PriorArrays, tol: jax.Array | float = LINEAR_TOL):
     """One Gauss-Newton step for all parameters; ``tol``: CG relative residual (pass an array
     to reuse the compiled step for other values).
 
@@ -364,7 +382,7 @@ def _covariance_solves(scene: Scene, stacks, grid: ModelGrid, pa: PriorArrays, p
 
 
 def flux_covariance(scene: Scene, stacks, grid: ModelGrid, pa: PriorArrays, *, probes: int = 16,
-                    tol: float = 1e-4, seed: int = 0, deflate: bool = True):
+                    tol: float = LINEAR_TOL, seed: int = 0, deflate: bool = True):
     """Covariance of the epoch fluxes over all epochs (stacks concatenated), marginalised.
 
     ``Cov = diag(N_e^-1) + M`` with ``M = Z S^-1 Z^T`` (Z: the rows ``z_e``). M is exact when at

@@ -98,6 +98,7 @@ from scipy import ndimage, optimize
 
 from transcene.epoch import Epoch
 from transcene.errors import EpochFileError
+from transcene.psf import gaussian_psf
 
 __all__ = [
     "ZTF_GAIN",
@@ -363,9 +364,7 @@ def _with_wing(psf: np.ndarray, fraction: float, sigma: float) -> np.ndarray:
     """``(1 - fraction) * psf + fraction * G(sigma)`` on the same centred stamp, unit sum."""
     if fraction <= 0.0:
         return psf
-    yy, xx = np.indices(psf.shape, dtype=float)
-    c = (psf.shape[0] - 1) / 2.0
-    g = np.exp(-0.5 * ((xx - c) ** 2 + (yy - c) ** 2) / sigma**2)
+    g = gaussian_psf(2.3548 * sigma, size=psf.shape[0])
     out = (1.0 - fraction) * psf / psf.sum() + fraction * g / g.sum()
     return out / out.sum()
 
@@ -410,8 +409,11 @@ def _load(path: Path):
         if key not in hdr:
             raise EpochFileError(path, "keyword missing from the primary header", field=key)
     for name, (data, _) in ext.items():
-        if data.ndim != 2 or (name == "DIFFERENCE" and data.shape != ext["SCIENCE"][0].shape):
+        if data.ndim != 2:
             raise EpochFileError(path, f"expected a 2-D image, got shape {data.shape}", field=name)
+    if "DIFFERENCE" in ext and ext["DIFFERENCE"][0].shape != ext["SCIENCE"][0].shape:
+        raise EpochFileError(path, f"shape {ext['DIFFERENCE'][0].shape} differs from SCIENCE "
+                             f"{ext['SCIENCE'][0].shape}", field="DIFFERENCE")
     return hdr, ext
 
 
