@@ -287,6 +287,15 @@ def make_dataset(
         )
     if all(refs):
         raise DatasetError("every epoch is a reference (transient-free) epoch: nothing to measure")
+    unanchored = sorted({it["ep"].band for it in items} - {it["ep"].band for it, r in zip(items, refs) if r})
+    if baseline_defined and unanchored:
+        warnings.warn(
+            f"band(s) {unanchored} have no transient-free epoch: their host and transient fluxes are "
+            "degenerate, so their fluxes are relative to an undefined baseline (rows flagged "
+            "'baseline undefined', errors large)",
+            BaselineWarning,
+            stacklevel=2,
+        )
 
     # group into shape buckets
     groups: dict[tuple[int, int], list[int]] = {}
