@@ -17,7 +17,7 @@ from .host import SersicHost
 from .result import FitResult
 from .scene import host_spectrum, render_epoch
 
-__all__ = ["host_wcs", "write_scene", "epoch_images"]
+__all__ = ["host_wcs", "write_scene", "epoch_images", "safe_name"]
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,8 @@ def epoch_images(result: FitResult, index: int) -> dict[str, np.ndarray]:
     }
 
 
-def _safe(name: str) -> str:
+def safe_name(name: str) -> str:
+    """A file-name-safe version of an exposure id or band name."""
     return re.sub(r"[^A-Za-z0-9_.+-]", "_", name)
 
 
@@ -96,14 +97,16 @@ def write_scene(result: FitResult, outdir: str | Path, *, epoch_images_too: bool
         hdr["BAND"] = band
         hdr["HOSTKIND"] = result.host_kind
         fits.PrimaryHDU(images[b].astype(np.float32), header=hdr).writeto(
-            outdir / f"host_{_safe(band)}.fits", overwrite=True
+            outdir / f"host_{safe_name(band)}.fits", overwrite=True
         )
     _scene_table(result).write(outdir / "scene.ecsv", format="ascii.ecsv", overwrite=True)
     if epoch_images_too:
         edir = outdir / "epochs"
         edir.mkdir(exist_ok=True)
+        sky = np.asarray(result.lightcurve()["sky"], float)
         for i, row in enumerate(ds.epochs):
             imgs = epoch_images(result, i)
+            tx, ty = result.transient_pixel(i)
             rec = ds.records[int(row["index"])] if ds.records else None
             hdus = [fits.PrimaryHDU()]
             for name, arr in imgs.items():
@@ -116,8 +119,11 @@ def write_scene(result: FitResult, outdir: str | Path, *, epoch_images_too: bool
                 hdr["MJD-OBS"] = float(row["mjd"])
                 hdr["BAND"] = row["band"]
                 hdr["EXPID"] = row["exposure_id"]
+                hdr["TRANSX"] = (tx, "fitted transient x, 0-based pixel")
+                hdr["TRANSY"] = (ty, "fitted transient y, 0-based pixel")
+                hdr["SKY"] = (float(sky[i]), "fitted sky in DATA, MODEL [nJy/pixel]")
                 hdus.append(fits.ImageHDU(arr.astype(np.float32), header=hdr, name=name))
-            fits.HDUList(hdus).writeto(edir / f"{_safe(str(row['exposure_id']))}.fits", overwrite=True)
+            fits.HDUList(hdus).writeto(edir / f"{safe_name(str(row['exposure_id']))}.fits", overwrite=True)
     log.info("scene written to %s", outdir)
     return outdir
 

@@ -24,7 +24,7 @@ class Flag(enum.IntFlag):
     """Bits of the light curve's ``flags`` column."""
 
     REFERENCE = 1  # transient-free epoch: flux fixed to zero by definition, not measured
-    BASELINE_UNDEFINED = 2  # no transient-free epochs: flux relative to an unknown constant
+    BASELINE_UNDEFINED = 2  # no transient-free epoch in this band: flux relative to an unknown constant
     NOT_CONVERGED = 4  # the fit did not meet its convergence criteria
     HIGH_CHI2 = 8  # the epoch's residual chi2/dof > 2: the model does not describe it
     MASKED_AT_TRANSIENT = 16  # fewer than half the pixels within 1 FWHM of the transient usable
@@ -112,8 +112,10 @@ class FitResult:
         chi2_dof = chi2_all / np.maximum(n_pix - n_local, 1)
         flags = np.zeros(len(t), int)
         flags |= np.where(ref, int(Flag.REFERENCE), 0)
-        if not ds.baseline_defined:
-            flags |= int(Flag.BASELINE_UNDEFINED)
+        # the host is free per band, so each band needs its own transient-free epochs
+        bands = np.asarray(t["band"]).astype(str)
+        anchored = set(bands[ref])
+        flags |= np.where([b not in anchored for b in bands], int(Flag.BASELINE_UNDEFINED), 0)
         if not self.converged:
             flags |= int(Flag.NOT_CONVERGED)
         flags |= np.where(chi2_dof > 2.0, int(Flag.HIGH_CHI2), 0)
@@ -135,6 +137,7 @@ class FitResult:
         out["snr"] = snr
         out["chi2_dof"] = chi2_dof
         out["flags"] = flags
+        out["psf_fwhm"] = np.asarray(t["psf_fwhm"], float) * u.arcsec
         out["sky"] = loc[:, 1] * u.nJy / u.pix
         out["shift_ra"] = loc[:, 2] * u.arcsec
         out["shift_dec"] = loc[:, 3] * u.arcsec
@@ -147,9 +150,20 @@ class FitResult:
         out.meta["columns"] = (
             "flux, flux_err, flux_lo, flux_hi in nJy (AB: m = 31.4 - 2.5 log10(f/nJy)); "
             "flux_lo/flux_hi are the 16th/84th posterior percentiles; mag_lim is the 3-sigma limit; "
-            "sky in nJy/pixel; shift_ra/shift_dec the fitted astrometric shift of the epoch"
+            "psf_fwhm the epoch's PSF FWHM in arcsec; sky in nJy/pixel; "
+            "shift_ra/shift_dec the fitted astrometric shift of the epoch"
         )
         return out
+
+    def transient_pixel(self, index: int) -> tuple[float, float]:
+        """Fitted transient position (0-based x, y) in the fitted cutout of epoch ``index``
+        (row of ``dataset.epochs``), the epoch's astrometric shift included."""
+        row = self.dataset.epochs[index]
+        st = self.dataset.stacks[int(row["stack"])]
+        k = int(row["slot"])
+        shift = np.asarray(self.scene.local[int(row["stack"])][k])[2:4]
+        p = np.asarray(st.p0[k]) + np.asarray(st.amat[k]) @ (self.transient_offset + shift)
+        return float(p[0]), float(p[1])
 
     def _masked_at_transient(self) -> np.ndarray:
         ds = self.dataset
@@ -176,6 +190,7 @@ class FitResult:
             "transient_dec": float(coord.dec.deg),
             "transient_offset_arcsec": [float(v) for v in self.transient_offset],
             "transient_offset_err_arcsec": [float(v) for v in pos_err],
+            "transient_offset_cov_arcsec2": [[float(v) for v in row] for row in np.asarray(self.position_cov)],
             "mjd_ref": ds.mjd_ref,
             "time_scale": "UTC",
             "model": f"{self.host_kind} host + transient point source",
@@ -213,6 +228,7 @@ class FitResult:
 def write_table(table: Table, path: str | Path) -> Path:
     """Write a table as ECSV (default), CSV or Parquet, chosen by the file extension."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     ext = "".join(path.suffixes[-1:]).lower()
     if ext in (".ecsv", ""):
         table.write(path, format="ascii.ecsv", overwrite=True)
