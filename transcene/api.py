@@ -51,7 +51,8 @@ def write_outputs(
     scene_dir: str | Path | None = None,
     plot: str | Path | None = None,
 ) -> dict[str, Path]:
-    """Write the light curve (ECSV/CSV/Parquet by extension), the scene and a plot."""
+    """Write the light curve (ECSV/CSV/Parquet by extension) with its covariance, the scene, and
+    the plots (``plot``: the light curve; the epoch mosaic, scene and diagnostics next to it)."""
     out: dict[str, Path] = {}
     lc = result.lightcurve()
     if lightcurve is not None:
@@ -63,9 +64,7 @@ def write_outputs(
 
         out["scene"] = write_scene(result, scene_dir)
     if plot is not None:
-        from .plot import plot_lightcurve
+        from .plot import write_plots
 
-        fig = plot_lightcurve(lc)
-        fig.savefig(plot, dpi=120)
-        out["plot"] = Path(plot)
+        out.update(write_plots(result, plot))
     return out

@@ -87,7 +87,7 @@ def fit_cmd(
     host: str = typer.Option("pixel", help="Host model: pixel (non-parametric) or sersic."),
     output: Path = typer.Option(Path("lightcurve.ecsv"), "-o", "--output", help="Light curve (.ecsv, .csv, .parquet)."),
     scene_out: Optional[Path] = typer.Option(None, help="Directory for host FITS, parameters and epoch images."),
-    plot: Optional[Path] = typer.Option(None, help="Light-curve plot (PNG/PDF)."),
+    plot: Optional[Path] = typer.Option(None, help="Light-curve plot (PNG/PDF); epoch mosaic, scene and diagnostics plots go next to it."),
     fit_radius: Optional[float] = typer.Option(None, help="Half-side of the fitted region, arcsec."),
     verbose: bool = typer.Option(False, "-v", "--verbose", help="Debug logging and tracebacks."),
     quiet: bool = typer.Option(False, "-q", "--quiet", help="Only warnings and errors."),
@@ -172,18 +172,62 @@ def demo_cmd(
         target = parse_coord(truth.meta["transient_ra"], truth.meta["transient_dec"])
         code = _run_fit(sorted(data.glob("epoch_*.fits")), target, None, "pixel", outdir / "lightcurve.ecsv",
                         outdir / "scene", outdir / "lightcurve.png", None, verbose, quiet)
+        from .plot import plot_lightcurve
+
+        ref = truth[["mjd", "band", "flux_true"]]
+        ref.rename_column("flux_true", "flux")
+        ref["flux_err"] = 0.0
+        plot_lightcurve(outdir, reference=ref, reference_label="truth").savefig(outdir / "lightcurve_vs_truth.png", dpi=120)
         lc = Table.read(outdir / "lightcurve.ecsv")
         tr = {str(e): float(f) for e, f in zip(truth["exposure_id"], truth["flux_true"])}
         sel = ~np.asarray(lc["is_reference"])
         pulls = np.array([(float(f) - tr[str(e)]) / float(s) for e, f, s in
                           zip(lc["exposure_id"][sel], lc["flux"][sel], lc["flux_err"][sel])])
         err.print(f"demo: {sel.sum()} epoch fluxes vs truth: pull mean {pulls.mean():+.2f}, std {pulls.std():.2f}")
-        err.print(f"outputs in {outdir}/ (lightcurve.ecsv, lightcurve.png, scene/)")
+        err.print(f"outputs in {outdir}/ (lightcurve.ecsv, lightcurve*.png, scene/); redraw with: transcene plot {outdir}")
     except typer.Exit:
         raise
     except Exception as exc:  # noqa: BLE001
         _fail(exc, verbose)
     raise typer.Exit(code)
+
+
+@app.command("plot")
+def plot_cmd(
+    result_dir: Path = typer.Argument(..., help="A fit's output directory: lightcurve.ecsv and (from --scene-out) scene/."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output",
+                                          help="Light-curve plot path; the others go next to it. Default RESULT_DIR/lightcurve.png."),
+    epochs: Optional[str] = typer.Option(None, help="Comma-separated exposure ids for the epoch mosaic (default: a selection)."),
+    reference: Optional[Path] = typer.Option(None, help="External light curve to overlay: a table with mjd, band, flux, flux_err (nJy)."),
+    reference_label: str = typer.Option("external", help="Legend label of --reference."),
+    magnitudes: bool = typer.Option(False, help="Light curve in AB magnitudes instead of nJy."),
+    verbose: bool = typer.Option(False, "-v", "--verbose"),
+    quiet: bool = typer.Option(False, "-q", "--quiet"),
+) -> None:
+    """Draw the light curve, epoch mosaic, scene and diagnostics of a finished fit.
+
+    Example: transcene plot transcene-demo --epochs epoch_003,epoch_010 --magnitudes
+    """
+    _setup(verbose, quiet)
+    try:
+        from astropy.table import Table
+
+        from .plot import write_plots
+
+        ref = None
+        if reference is not None:
+            ref = Table.read(reference)
+            missing = [c for c in ("mjd", "band", "flux", "flux_err") if c not in ref.colnames]
+            if missing:
+                raise ValueError(f"{reference}: column(s) {missing} missing; expected mjd, band, flux, flux_err (nJy)")
+        ids = [e.strip() for e in epochs.split(",") if e.strip()] if epochs else None
+        out = write_plots(result_dir, output or result_dir / "lightcurve.png", exposure_ids=ids, reference=ref,
+                          reference_label=reference_label, magnitudes=magnitudes)
+        if not quiet:
+            for k, v in out.items():
+                err.print(f"  {k}: {v}")
+    except Exception as exc:  # noqa: BLE001
+        _fail(exc, verbose)
 
 
 def main() -> None:
