@@ -61,3 +61,23 @@ def asinh_ticks(norm: AsinhNorm, n: int = 4) -> list[float]:
             mag = 10 ** np.floor(np.log10(v))
             ticks.add(float(np.floor(v / mag) * mag))
     return sorted(ticks)
+
+
+def focus_on_science(ax, mjd: np.ndarray, ref: np.ndarray) -> None:
+    """Keep the science epochs readable when the references (e.g. templates) are years older.
+
+    If including the reference epochs would squeeze the science epochs into less than a third
+    of the axis, the axis shows the science epochs only and says where the references are.
+    """
+    sci = mjd[~ref]
+    if sci.size == 0 or not ref.any():
+        return
+    span = max(float(sci.max() - sci.min()), 1.0)
+    full = float(max(mjd.max(), sci.max()) - min(mjd.min(), sci.min()))
+    if full <= 3.0 * span:
+        return
+    ax.set_xlim(sci.min() - 0.05 * span, sci.max() + 0.05 * span)
+    outside = mjd[ref][(mjd[ref] < sci.min()) | (mjd[ref] > sci.max())]
+    if outside.size:
+        ax.text(0.01, 0.97, f"{outside.size} reference epoch(s) off axis, MJD {outside.min():.0f}-{outside.max():.0f}",
+                transform=ax.transAxes, va="top", fontsize=8, color="0.3")

@@ -8,7 +8,7 @@ from matplotlib.figure import Figure
 
 from ..result import Flag
 from ._source import Source, lightcurve_of
-from ._style import band_colour, bands_blue_to_red
+from ._style import band_colour, bands_blue_to_red, focus_on_science
 
 __all__ = ["plot_diagnostics"]
 
@@ -54,6 +54,7 @@ def plot_diagnostics(source: Source | Table, *, chi2_flag: float = 2.0) -> Figur
             ax.set_yscale("log")
         else:
             ax.set_ylim(0, max(np.nanmax(chi2, initial=0), chi2_flag) * 1.1)
+    focus_on_science(a_t, mjd, ref)
     a_t.set_xlabel("MJD")
     a_t.legend(fontsize=7)
     if fwhm is None:

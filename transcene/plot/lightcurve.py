@@ -13,32 +13,12 @@ from matplotlib.patches import Patch
 from ..epoch import NJY_AB_ZEROPOINT
 from ..result import Flag
 from ._source import Source, lightcurve_of
-from ._style import band_colour, bands_blue_to_red
+from ._style import band_colour, bands_blue_to_red, focus_on_science
 
 __all__ = ["plot_lightcurve"]
 
 # epochs whose flux the code stands behind only with a caveat: drawn with open symbols
 _CAVEAT = int(Flag.HIGH_CHI2 | Flag.MASKED_AT_TRANSIENT | Flag.NOT_CONVERGED | Flag.BASELINE_UNDEFINED)
-
-
-def _focus_on_science(ax, mjd: np.ndarray, ref: np.ndarray) -> None:
-    """Keep the science epochs readable when the references (e.g. templates) are years older.
-
-    If including the reference epochs would squeeze the science epochs into less than a third
-    of the axis, the axis shows the science epochs only and says where the references are.
-    """
-    sci = mjd[~ref]
-    if sci.size == 0 or not ref.any():
-        return
-    span = max(float(sci.max() - sci.min()), 1.0)
-    full = float(max(mjd.max(), sci.max()) - min(mjd.min(), sci.min()))
-    if full <= 3.0 * span:
-        return
-    ax.set_xlim(sci.min() - 0.05 * span, sci.max() + 0.05 * span)
-    outside = mjd[ref][(mjd[ref] < sci.min()) | (mjd[ref] > sci.max())]
-    if outside.size:
-        ax.text(0.01, 0.90, f"{outside.size} reference epoch(s) off axis, MJD {outside.min():.0f}-{outside.max():.0f}",
-                transform=ax.transAxes, va="top", fontsize=8, color="0.3")
 
 
 def _mag(flux: np.ndarray) -> np.ndarray:
@@ -72,7 +52,7 @@ def plot_lightcurve(
     ``magnitudes=True`` plots AB magnitudes (snr >= 3) and ``mag_lim`` limits instead of fluxes.
     """
     lc = lightcurve_of(source)
-    fig = Figure(figsize=(8, 5.5 if reference is not None else 4.5), layout="constrained")
+    fig = Figure(figsize=(9.5, 5.5 if reference is not None else 4.5), layout="constrained")
     if reference is not None:
         ax, axr = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1])
     else:
@@ -132,20 +112,19 @@ def plot_lightcurve(
     }
     handles += [h for key, h in styles.items() if key in used]
     _limit_y(ax, y, yerr, ylim_val, measured=~ref & ~low, low=low & ~ref, magnitudes=magnitudes)
-    _focus_on_science(ax, mjd, ref)
+    focus_on_science(ax, mjd, ref)
     if magnitudes:
         ax.invert_yaxis()
         ax.set_ylabel("AB magnitude")
     else:
         ax.axhline(0, color="0.5", lw=0.8)
         ax.set_ylabel("flux [nJy]")
-    ax.legend(handles=handles, fontsize=7, ncol=min(len(handles), 5), loc="upper right")
-    if title:
-        ax.set_title(title)
     method = lc.meta.get("method", "")
     status = lc.meta.get("status", "")
-    if method or status:
-        ax.text(0.01, 0.98, f"{method}, {status}", transform=ax.transAxes, va="top", fontsize=8, color="0.3")
+    ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0,
+              title=f"{method} fit, {status}" if (method or status) else None, title_fontsize=7)
+    if title:
+        ax.set_title(title)
     if axr is not None:
         axr.axhline(0, color="0.5", lw=0.8)
         axr.set_ylabel(f"ratio - 1\nvs {reference_label}" if residual == "ratio" else f"difference [sigma]\nvs {reference_label}")

@@ -67,7 +67,7 @@ def plot_epoch_mosaic(
     unknown = [e for e in ids if e not in row_of]
     if unknown:
         raise ValueError(f"exposure_ids: {unknown} not in the light curve")
-    panels = epoch_panels(source, ids)
+    panels = [_crop_to_data(p) for p in epoch_panels(source, ids)]
     # noise from the residuals (data - model): robust to the host and the transient
     resid = np.concatenate([(p.images["DATA"] - p.images["MODEL"]).ravel() for p in panels])
     resid = resid[np.isfinite(resid)]
@@ -104,6 +104,20 @@ def plot_epoch_mosaic(
     label_asinh_colorbar(cb, norm)
     fig.colorbar(im_res, ax=axes[:, 4].ravel().tolist(), shrink=0.8, label="sigma", location="bottom")
     return fig
+
+
+def _crop_to_data(p):
+    """The panel cut to the bounding box of its usable data pixels (the fitted region): the
+    model is rendered on a padded frame whose outer part no data constrain."""
+    import dataclasses
+
+    good = np.isfinite(p.images["DATA"])
+    if not good.any():
+        return p
+    ys, xs = np.flatnonzero(good.any(axis=1)), np.flatnonzero(good.any(axis=0))
+    sl = (slice(ys[0], ys[-1] + 1), slice(xs[0], xs[-1] + 1))
+    return dataclasses.replace(p, images={k: v[sl] for k, v in p.images.items()},
+                               transient_xy=(p.transient_xy[0] - xs[0], p.transient_xy[1] - ys[0]))
 
 
 def _with_bad(name: str):
