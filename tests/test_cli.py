@@ -106,3 +106,10 @@ def test_sexagesimal_coordinates():
     assert abs(c.ra.deg - 0.8143) < 1e-3 and abs(c.dec.deg - 16.1457) < 1e-3
     with pytest.raises(ValueError, match="RA"):
         parse_coord("nonsense", "also")
+
+
+@pytest.mark.parametrize("command", [[], ["fit"], ["simulate"], ["demo"], ["plot"]])
+def test_every_command_has_help_with_an_example(command):
+    res = runner.invoke(app, [*command, "--help"])
+    assert res.exit_code == 0, res.output
+    assert "Example: transcene" in res.output

@@ -15,7 +15,8 @@ from rich.markup import escape
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
-    help="Light curves of transients on their host galaxies by joint scene modelling.",
+    help="Light curves of transients on their host galaxies by joint scene modelling.\n\n"
+    "Example: transcene demo transcene-demo && transcene plot transcene-demo",
 )
 # soft_wrap: never break a path or a message across lines (people copy them)
 err = Console(stderr=True, soft_wrap=True, highlight=False)
@@ -125,7 +126,7 @@ def simulate_cmd(
     size: int = typer.Option(48, help="Cutout side, pixels."),
     seed: int = typer.Option(0, help="Random seed."),
     overwrite: bool = typer.Option(False, help="Overwrite existing files."),
-    verbose: bool = typer.Option(False, "-v", "--verbose"),
+    verbose: bool = typer.Option(False, "-v", "--verbose", help="Debug logging and tracebacks."),
 ) -> None:
     """Write a realistic synthetic data set (epoch files + truth table).
 
@@ -139,7 +140,11 @@ def simulate_cmd(
                                bands=tuple(b.strip() for b in bands.split(",") if b.strip()),
                                host=host, size=size, seed=seed)
         out = write_simulation(outdir, cfg, overwrite=overwrite)
-        err.print(f"wrote {epochs + references} epoch files and truth.ecsv to {out}")
+        from astropy.table import Table
+
+        meta = Table.read(out / "truth.ecsv").meta
+        err.print(f"wrote {epochs + references} epoch files and truth.ecsv to {out}; transient at "
+                  f"RA {float(meta['transient_ra']):.6f}, Dec {float(meta['transient_dec']):+.6f} (deg)")
     except Exception as exc:  # noqa: BLE001
         _fail(exc, verbose)
 
@@ -149,8 +154,8 @@ def demo_cmd(
     outdir: Path = typer.Argument(Path("transcene-demo"), help="Where to put the simulated data and the results."),
     epochs: int = typer.Option(16, help="Number of science epochs."),
     seed: int = typer.Option(1, help="Random seed."),
-    verbose: bool = typer.Option(False, "-v", "--verbose"),
-    quiet: bool = typer.Option(False, "-q", "--quiet"),
+    verbose: bool = typer.Option(False, "-v", "--verbose", help="Debug logging and tracebacks."),
+    quiet: bool = typer.Option(False, "-q", "--quiet", help="Only warnings and errors."),
 ) -> None:
     """Simulate a transient on a galaxy, fit it, and compare with the truth (offline).
 
@@ -201,12 +206,12 @@ def plot_cmd(
     reference: Optional[Path] = typer.Option(None, help="External light curve to overlay: a table with mjd, band, flux, flux_err (nJy)."),
     reference_label: str = typer.Option("external", help="Legend label of --reference."),
     magnitudes: bool = typer.Option(False, help="Light curve in AB magnitudes instead of nJy."),
-    verbose: bool = typer.Option(False, "-v", "--verbose"),
-    quiet: bool = typer.Option(False, "-q", "--quiet"),
+    verbose: bool = typer.Option(False, "-v", "--verbose", help="Debug logging and tracebacks."),
+    quiet: bool = typer.Option(False, "-q", "--quiet", help="Only warnings and errors."),
 ) -> None:
     """Draw the light curve, epoch mosaic, scene and diagnostics of a finished fit.
 
-    Example: transcene plot transcene-demo --epochs epoch_003,epoch_010 --magnitudes
+    Example: transcene plot transcene-demo --epochs sim1_004,sim1_010 --magnitudes
     """
     _setup(verbose, quiet)
     try:
