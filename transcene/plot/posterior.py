@@ -55,12 +55,13 @@ def plot_rank(samples: Mapping[str, np.ndarray], *, bins: int = 20) -> Figure:
         edges = np.linspace(0, a.size, bins + 1)
         expect = a.shape[1] / bins
         for c in range(a.shape[0]):
-            ax.stairs(np.histogram(ranks[c], edges)[0], edges, color=f"C{c}")
+            ax.stairs(np.histogram(ranks[c], edges)[0], edges, color=f"C{c}", baseline=None)
         band = 2 * np.sqrt(expect * (1 - 1 / bins))
         ax.axhline(expect, color="0.3", lw=0.8)
         for sgn in (-1, 1):
             ax.axhline(expect + sgn * band, color="0.5", lw=0.6, ls="--")
         ax.set_title(name, fontsize=8)
+        ax.set_xlabel("rank (all chains)", fontsize=7)
         ax.set_yticks([])
     for ax in axes[len(s):]:
         ax.set_visible(False)

@@ -72,7 +72,10 @@ def plot_scene(
         ax.set_title(f"host, {hp.bands[b]} ({res_txt})", fontsize=9)
     if colour:
         order = order[:3]
-        rgb = np.stack([np.clip(images[i], 0, None) for i in order[::-1]], axis=-1)
+        # a pixel host's constant level is degenerate with the epochs' sky levels: take each
+        # band's median over the fitted region as its zero before combining the bands
+        rgb = np.stack([np.clip(images[i] - np.median(images[i][hp.images[i] != 0]), 0, None)
+                        for i in order[::-1]], axis=-1)
         from astropy.visualization import make_lupton_rgb
 
         top = np.percentile(rgb, 99.5)
