@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from astropy.io import fits
 from astropy.table import Table
 from scipy import special
 
+from transcene.psf import psf_fwhm
 from transcene.simulate import (
     MASKED_VALUE,
     SimulationConfig,
@@ -320,3 +322,22 @@ def test_config_validation():
         SimulationConfig(psf_model="airy")
     with pytest.raises(ValueError):
         SimulationConfig(supersample=4)
+
+
+def test_injected_psf_and_zeropoint_errors_change_only_what_is_written():
+    base = SimulationConfig(n_epochs=4, n_reference=1, size=21, psf_size=15, seed=11)
+    sysc = dataclasses.replace(base, psf_fwhm_error=0.02, zeropoint_jitter=0.005)
+    e0, t0 = simulate(base)
+    e1, t1 = simulate(sysc)
+    for a, b, row in zip(e0, e1, t1):
+        assert np.array_equal(a.image, b.image)  # the sky is the same; only the files lie
+        assert b.zeropoint == pytest.approx(row["zeropoint_written"]) and a.zeropoint == pytest.approx(row["zeropoint"])
+        # the optical FWHM changes by the injected fraction; the written ePSF (optics convolved
+        # with the pixel) by a smaller one, in the same direction
+        change = psf_fwhm(b.psf, 1) / psf_fwhm(a.psf, 1) - 1
+        injected = row["psf_fwhm_written"] / row["seeing_fwhm"] - 1
+        assert 0.3 < change / injected < 1.0
+    dz = np.asarray(t1["zeropoint_written"] - t1["zeropoint"])
+    df = np.asarray(t1["psf_fwhm_written"] / t1["seeing_fwhm"] - 1)
+    assert 0 < np.abs(dz).max() < 0.05 and 0 < np.abs(df).max() < 0.1
+    assert np.array_equal(t0["psf_fwhm_written"], t0["seeing_fwhm"]) and np.array_equal(t0["zeropoint_written"], t0["zeropoint"])

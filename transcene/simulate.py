@@ -80,6 +80,11 @@ class SimulationConfig:
     ``sersic_pa`` degrees East of North, ``sersic_q`` the axis ratio. ``host`` is "sersic",
     "none" or "image:PATH". ``supersample`` is the host's sub-pixel factor ss (odd; 0 =
     automatic: the smallest odd >= max(5, 7.5 / FWHM in pixels)).
+
+    Injected systematics (what the files say differs from what made the pixels):
+    ``wcs_jitter_arcsec`` rms misregistration per axis; ``psf_fwhm_error`` fractional rms error
+    of the written PSF's FWHM; ``zeropoint_jitter`` rms error (mag) of the written zero point.
+    The truth table records the true and the written values.
     """
 
     n_epochs: int = 40
@@ -105,6 +110,8 @@ class SimulationConfig:
     zeropoint: tuple[float, float] = (25.0, 27.0)
     gain: float = 4.0
     wcs_jitter_arcsec: float = 0.0
+    psf_fwhm_error: float = 0.0
+    zeropoint_jitter: float = 0.0
     mask_fraction: float = 0.0
     mjd_start: float = 60000.0
     mjd_span: float = 120.0
@@ -136,6 +143,9 @@ class SimulationConfig:
             raise ValueError("zeropoint must be an increasing range and mjd_span >= 0")
         if not 0 <= self.pixel_scale_jitter < 1 or self.wcs_jitter_arcsec < 0:
             raise ValueError("need 0 <= pixel_scale_jitter < 1 and wcs_jitter_arcsec >= 0")
+        if not 0 <= self.psf_fwhm_error < 0.5 or self.zeropoint_jitter < 0:
+            raise ValueError(f"need 0 <= psf_fwhm_error < 0.5 (got {self.psf_fwhm_error}) and "
+                             f"zeropoint_jitter >= 0 (got {self.zeropoint_jitter})")
         if self.pixel_scale <= 0 or self.gain <= 0 or not 0 <= self.mask_fraction <= 1:
             raise ValueError("pixel_scale and gain must be > 0 and mask_fraction in [0, 1]")
         if self.sersic_n <= 0.2 or self.sersic_re <= 0 or not 0 < self.sersic_q <= 1:
@@ -444,6 +454,9 @@ def _draw_epochs(c: SimulationConfig, rng: np.random.Generator) -> dict[str, np.
         "sky_resid": rng.normal(0.0, 0.03, n),  # in units of the per-pixel sky noise
         "has_mask": rng.random(n) < c.mask_fraction,
         "mask_spots": rng.integers(0, c.size, (n, 3)),  # bad column, blob x, blob y
+        # systematics, drawn last so that the other draws of a seed do not change
+        "psf_err": rng.normal(0.0, 1.0, n) * c.psf_fwhm_error,  # fractional FWHM error of the written PSF
+        "zp_err": rng.normal(0.0, 1.0, n) * c.zeropoint_jitter,  # mag error of the written zero point
     }
 
 
@@ -501,6 +514,7 @@ def simulate(config: SimulationConfig, *, rng: np.random.Generator | None = None
         (x_true, x_host), (y_true, y_host) = wcs.all_world2pix(*app, 0)
         fwhm_px = fwhm[i] / scale[i]
         psf = _Psf(c.psf_model, fwhm_px, c.psf_size)
+        written_psf = psf if d["psf_err"][i] == 0 else _Psf(c.psf_model, fwhm_px * (1 + d["psf_err"][i]), c.psf_size)
         ss = c.supersample or _auto_supersample(fwhm_px)
         flux = 0.0 if is_ref[i] else float(_lightcurve(
             mjd[i], t0, 10 ** (-0.4 * (c.transient_peak_mag + peak_off - NJY_AB_ZEROPOINT)),
@@ -524,19 +538,22 @@ def simulate(config: SimulationConfig, *, rng: np.random.Generator | None = None
             image[mask] = MASKED_VALUE
         epochs.append(Epoch(
             image=image, variance=variance, mask=mask,
-            psf=psf.stamp(c.psf_size, c.psf_oversample), psf_oversample=c.psf_oversample,
-            wcs=wcs, mjd=float(mjd[i]), band=band, zeropoint=float(zp[i]), survey="SIM",
+            psf=written_psf.stamp(c.psf_size, c.psf_oversample), psf_oversample=c.psf_oversample,
+            wcs=wcs, mjd=float(mjd[i]), band=band, zeropoint=float(zp[i] + d["zp_err"][i]), survey="SIM",
             exposure_id=f"sim{c.seed}_{i:03d}", is_reference=bool(is_ref[i]), gain=c.gain))
         rows.append((f"sim{c.seed}_{i:03d}", mjd[i], band, bool(is_ref[i]), flux, fwhm[i], zp[i],
                      scale[i], rot[i], sky_level / to_units, shift[i, 0], shift[i, 1],
                      float(x_true), float(y_true), float(x_host), float(y_host), host_njy,
-                     host_sb_unit * host_njy, ss, bool(d["has_mask"][i])))
+                     host_sb_unit * host_njy, ss, bool(d["has_mask"][i]),
+                     fwhm[i] * (1 + d["psf_err"][i]), zp[i] + d["zp_err"][i]))
 
     names = ("exposure_id", "mjd", "band", "is_reference", "flux_true", "seeing_fwhm", "zeropoint",
              "pixel_scale", "rotation_deg", "sky_level", "shift_ra", "shift_dec", "x_true",
-             "y_true", "x_host", "y_host", "host_flux", "host_sb", "supersample", "masked")
+             "y_true", "x_host", "y_host", "host_flux", "host_sb", "supersample", "masked",
+             "psf_fwhm_written", "zeropoint_written")
     units = (None, u.d, None, None, u.nJy, u.arcsec, u.mag, u.arcsec / u.pix, u.deg, u.nJy / u.pix,
-             u.arcsec, u.arcsec, u.pix, u.pix, u.pix, u.pix, u.nJy, u.nJy / u.arcsec**2, None, None)
+             u.arcsec, u.arcsec, u.pix, u.pix, u.pix, u.pix, u.nJy, u.nJy / u.arcsec**2, None, None,
+             u.arcsec, u.mag)
     cols = list(zip(*rows)) if rows else [[] for _ in names]
     truth = Table([np.asarray(col) for col in cols], names=names, units=units)
     truth.meta.update({
