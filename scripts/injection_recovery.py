@@ -26,8 +26,6 @@ import argparse
 import time
 import warnings
 
-import equinox as eqx
-import jax
 import numpy as np
 from astropy.coordinates import SkyCoord
 from astropy.table import Table, vstack
@@ -35,26 +33,7 @@ import astropy.units as u
 
 import transcene as ts
 from transcene.simulate import SimulationConfig, simulate
-from transcene.solve import Priors, flux_covariance, prior_arrays
-
-
-def crb_at_truth(res, truth: Table) -> np.ndarray:
-    """sqrt(diag(Fisher^-1)) of the epoch fluxes at the true parameters, in table row order."""
-    ds = res.dataset
-    scene = res.scene
-    local = []
-    for s_idx, loc in enumerate(scene.local):
-        loc = np.array(loc)
-        loc[:, 2:] = 0.0
-        rows = np.flatnonzero(np.asarray(ds.epochs["stack"]) == s_idx)
-        loc[np.asarray(ds.epochs["slot"])[rows], 0] = np.asarray(truth["flux_true"])[rows]
-        local.append(jax.numpy.asarray(loc))
-    truth_scene = eqx.tree_at(lambda s: (s.glob.position, s.local), scene, (jax.numpy.zeros(2), tuple(local)))
-    pa = prior_arrays(ds, Priors(), np.asarray(scene.glob.star_position))
-    cov, *_ = flux_covariance(truth_scene, ds.stacks, ds.grid, pa, probes=128)  # exact
-    offsets = np.cumsum([0] + [st.n_epochs for st in ds.stacks])
-    idx = offsets[np.asarray(ds.epochs["stack"])] + np.asarray(ds.epochs["slot"])
-    return np.sqrt(np.diag(cov)[idx])
+from transcene.validation import crb_at_truth
 
 
 def run_seed(seed: int, args) -> tuple[Table, dict]:

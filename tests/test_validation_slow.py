@@ -40,3 +40,26 @@ def test_injection_recovery_is_calibrated():
     assert ratio.size == 20
     assert np.median(ratio) <= 1.10
     assert ratio.min() > 0.95  # an error below the bound would be an underestimate
+
+
+CAMPAIGN = Path(__file__).resolve().parents[1] / "scripts" / "validate.py"
+
+
+@pytest.mark.slow
+def test_validation_campaign_small_grid(tmp_path):
+    """Three cells of the campaign grid without systematics (fast-mode data sets, 2 seeds each,
+    ~6 min): loose calibration bounds that a broken error model cannot meet, and the report."""
+    mod = runpy.run_path(str(CAMPAIGN))
+    assert mod["main"]([str(tmp_path), "--mode", "fast", "--cells", "baseline:-,sb:15,offset:0.0fwhm",
+                        "--seeds", "2"]) == 0
+    from astropy.table import Table
+
+    cells = Table.read(tmp_path / "cells.ecsv")
+    assert list(cells["cell"]) == ["baseline:-", "sb:15", "offset:0.0fwhm"]
+    for r in cells:
+        assert r["converged"] == 2 and r["n"] == 24, r
+        assert 0.7 < r["pull_std"] < 1.3, r  # 24 correlated pulls: loose
+        assert abs(r["bias_crb"]) < 0.5, r
+        assert r["err_over_crb"] < 1.05, r
+    for name in ("report.md", "fluxes.ecsv", "pulls.png", "coverage.png", "bias_vs_sb.png"):
+        assert (tmp_path / name).stat().st_size > 500, name
