@@ -35,10 +35,11 @@ def host_wcs(result: FitResult) -> WCS:
     return w
 
 
-def epoch_images(result: FitResult, index: int) -> dict[str, np.ndarray]:
+def epoch_images(result: FitResult, index: int, *, host_ft=None) -> dict[str, np.ndarray]:
     """Data, full model, host-only, transient-only and residual images (nJy/pixel) of one epoch.
 
     ``index`` is the row in ``result.dataset.epochs``. Masked pixels are NaN in data/residual.
+    ``host_ft``: the host's spectrum (``scene.host_spectrum``), to compute it once for many epochs.
     """
     ds = result.dataset
     row = ds.epochs[index]
@@ -47,7 +48,7 @@ def epoch_images(result: FitResult, index: int) -> dict[str, np.ndarray]:
     ep = type(st)(**{name: getattr(st, name)[k] for name in st.__dataclass_fields__})
     loc = result.scene.local[int(row["stack"])][k]
     glob = result.scene.glob
-    hft = host_spectrum(glob, ds.grid)
+    hft = host_spectrum(glob, ds.grid) if host_ft is None else host_ft
     full = np.asarray(render_epoch(hft, glob, loc, ep, ds.grid))
     no_tr = np.asarray(render_epoch(hft, glob, loc.at[0].set(0.0), ep, ds.grid))
     host_only = no_tr - float(loc[1])
@@ -104,8 +105,9 @@ def write_scene(result: FitResult, outdir: str | Path, *, epoch_images_too: bool
         edir = outdir / "epochs"
         edir.mkdir(exist_ok=True)
         sky = np.asarray(result.lightcurve()["sky"], float)
+        hft = host_spectrum(result.scene.glob, ds.grid)
         for i, row in enumerate(ds.epochs):
-            imgs = epoch_images(result, i)
+            imgs = epoch_images(result, i, host_ft=hft)
             tx, ty = result.transient_pixel(i)
             rec = ds.records[int(row["index"])] if ds.records else None
             hdus = [fits.PrimaryHDU()]

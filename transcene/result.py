@@ -51,6 +51,8 @@ class FitResult:
     host_kind: str
     elapsed: float
     method: str = "linear"
+    # the light curve is built once (plots and writers ask for it repeatedly); callers get copies
+    _cache: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def converged(self) -> bool:
@@ -91,6 +93,11 @@ class FitResult:
 
     def lightcurve(self) -> Table:
         """The forced-photometry light curve (one row per epoch, input order), with units."""
+        if "lightcurve" not in self._cache:
+            self._cache["lightcurve"] = self._build_lightcurve()
+        return self._cache["lightcurve"].copy()
+
+    def _build_lightcurve(self) -> Table:
         ds = self.dataset
         t = ds.epochs
         loc = self._local()

@@ -138,14 +138,17 @@ def epoch_panels(source: Source, exposure_ids: list[str]) -> list[EpochPanel]:
     if isinstance(source, FitResult):
         from ..outputs import epoch_images
 
+        from ..scene import host_spectrum
+
         ds = source.dataset
         ids = [str(v) for v in ds.epochs["exposure_id"]]
         lc = source.lightcurve()
+        hft = host_spectrum(source.scene.glob, ds.grid)
         out = []
         for eid in exposure_ids:
             i = ids.index(eid)
             row = ds.epochs[i]
-            out.append(EpochPanel(eid, str(row["band"]), float(row["mjd"]), epoch_images(source, i),
+            out.append(EpochPanel(eid, str(row["band"]), float(row["mjd"]), epoch_images(source, i, host_ft=hft),
                                   source.transient_pixel(i), float(lc["sky"][i])))
         return out
     _, scene = _result_dir(Path(source))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
 import numpy as np
@@ -109,8 +110,6 @@ def plot_epoch_mosaic(
 def _crop_to_data(p):
     """The panel cut to the bounding box of its usable data pixels (the fitted region): the
     model is rendered on a padded frame whose outer part no data constrain."""
-    import dataclasses
-
     good = np.isfinite(p.images["DATA"])
     if not good.any():
         return p

@@ -8,7 +8,7 @@ from typing import Sequence
 
 from astropy.table import Table
 
-from ._source import Source, has_scene
+from ._source import Source, has_scene, lightcurve_of
 from .diagnostics import plot_diagnostics
 from .lightcurve import plot_lightcurve
 from .mosaic import plot_epoch_mosaic
@@ -42,9 +42,10 @@ def write_plots(
     path = path.with_suffix(suffix)
     path.parent.mkdir(parents=True, exist_ok=True)
     out = {"lightcurve_plot": path}
-    plot_lightcurve(source, reference=reference, reference_label=reference_label,
+    lc = lightcurve_of(source)  # read (or built) once for the two plots drawn from the table
+    plot_lightcurve(lc, reference=reference, reference_label=reference_label,
                     magnitudes=magnitudes).savefig(path, dpi=dpi, bbox_inches="tight")
-    figs = {"diagnostics_plot": lambda: plot_diagnostics(source)}
+    figs = {"diagnostics_plot": lambda: plot_diagnostics(lc)}
     if images:
         figs["epochs_plot"] = lambda: plot_epoch_mosaic(source, exposure_ids)
         figs["scene_plot"] = lambda: plot_scene(source)
