@@ -45,7 +45,7 @@ def test_fit_writes_outputs(fitted):
                 "mag_err", "mag_lim", "snr", "chi2_dof", "flags"):
         assert col in lc.colnames
     assert str(lc["flux"].unit) == "nJy"
-    assert lc.meta["method"] == "linear"
+    assert lc.meta["method"] == "laplace"
     assert set(lc["exposure_id"]) == set(truth["exposure_id"])
     # reference rows are flagged and pinned to zero
     ref = np.asarray(lc["is_reference"])
@@ -58,6 +58,32 @@ def test_fit_writes_outputs(fitted):
     assert np.all(np.abs(pulls) < 5), pulls
     assert (out / "lc_covariance.ecsv").exists()
     assert (out / "lc.png").stat().st_size > 1000
+
+
+def test_fit_method_linear_writes_every_output(small_sim, fitted, tmp_path):
+    """--method linear: same fluxes as the default (laplace), errors not larger, no position
+    error, and every output (scene table, plots with a fixed position) still written."""
+    out0, truth, _ = fitted
+    res = runner.invoke(app, [
+        "fit", str(small_sim), "--ra", str(truth.meta["transient_ra"]), "--dec", str(truth.meta["transient_dec"]),
+        "--method", "linear", "-o", str(tmp_path / "lc.ecsv"), "--scene-out", str(tmp_path / "scene"),
+        "--plot", str(tmp_path / "lc.png"), "-q",
+    ])
+    assert res.exit_code in (0, 1), res.output
+    lin = Table.read(tmp_path / "lc.ecsv")
+    lap = Table.read(out0 / "lc.ecsv")
+    assert lin.meta["method"] == "linear"
+    np.testing.assert_allclose(np.asarray(lin["flux"]), np.asarray(lap["flux"]), rtol=1e-6, atol=1e-6)
+    sci = ~np.asarray(lin["is_reference"])
+    assert np.all(np.asarray(lin["flux_err"])[sci] <= np.asarray(lap["flux_err"])[sci] * (1 + 1e-4))
+    assert np.all(np.isnan(lin.meta["transient_offset_err_arcsec"]))
+    assert (tmp_path / "lc_scene.png").stat().st_size > 1000
+
+
+def test_fit_rejects_unknown_method(small_sim):
+    res = runner.invoke(app, ["fit", str(small_sim), "--method", "nuts", "-q"])
+    assert res.exit_code == EXIT_BAD_INPUT
+    assert "--method must be one of linear, map, laplace, got 'nuts'" in res.output
 
 
 def test_scene_outputs_have_wcs(fitted):

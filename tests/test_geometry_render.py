@@ -573,6 +573,52 @@ def test_fit_flux_errors_reach_the_closed_form_bound(fit_results):
     np.testing.assert_allclose(err / sigma0, np.sqrt(1.5), rtol=0.10)
 
 
+@pytest.fixture(scope="module")
+def method_results(fit_results):
+    """The first data set refitted with the other error methods (same MAP, other errors)."""
+    ds, res, _ = fit_results[0]
+    return {m: fit(ds, method=m) for m in ("linear", "map")} | {"laplace": res}
+
+
+def test_linear_errors_equal_the_host_marginal_bound(fit_results, method_results):
+    """Geometry fixed at the MAP: the flux errors are those of the linear model, i.e. the exact
+    closed-form bound with a free static scene (the weak host prior moves them by < 0.5 %)."""
+    ds, _, _ = fit_results[0]
+    _, sigma_host = _bounds(ds)
+    lin = method_results["linear"]
+    assert lin.converged and lin.method == "linear"
+    lc = lin.lightcurve()
+    sci = ~np.asarray(lc["is_reference"])
+    np.testing.assert_allclose(np.asarray(lc["flux_err"])[sci], sigma_host, rtol=5e-3)
+    assert lc.meta["method"] == "linear" and "geometry fixed" in lc.meta["uncertainty"]
+    # position held fixed: no error claimed for it
+    assert np.all(np.isnan(lin.position_cov))
+    # the same MAP whatever the error method
+    np.testing.assert_allclose(np.asarray(lc["flux"]), np.asarray(method_results["laplace"].lightcurve()["flux"]))
+    # laplace adds the position and shift uncertainty: never smaller
+    lap = np.asarray(method_results["laplace"].lightcurve()["flux_err"])[sci]
+    assert np.all(lap >= np.asarray(lc["flux_err"])[sci] * (1 - 1e-4))
+
+
+def test_map_errors_equal_the_known_host_bound(fit_results, method_results):
+    """``map``: errors conditional on the host and geometry = the [flux, sky] closed form, and
+    no covariance between epochs."""
+    ds, _, _ = fit_results[0]
+    sigma0, _ = _bounds(ds)
+    res = method_results["map"]
+    lc = res.lightcurve()
+    sci = ~np.asarray(lc["is_reference"])
+    np.testing.assert_allclose(np.asarray(lc["flux_err"])[sci], sigma0, rtol=1e-3)
+    cov = res.epoch_covariance()
+    np.testing.assert_array_equal(cov, np.diag(np.diag(cov)))
+    assert "lower bound" in lc.meta["uncertainty"]
+
+
+def test_fit_rejects_an_unknown_method(fit_results):
+    with pytest.raises(ValueError, match="method must be one of linear, map, laplace; got 'nuts'"):
+        fit(fit_results[0][0], method="nuts")
+
+
 def test_fit_pulls_are_sane(fit_results):
     pulls = []
     for ds, res, _ in fit_results:

@@ -34,14 +34,19 @@ def fit_files(
     fit_radius: float | None = None,
     shift_prior: float = 0.1,
     progress: Callable[[int, int, str], None] | None = None,
+    **fit_options,
 ) -> FitResult:
-    """Read epoch files, fit the scene and return the result (see :func:`transcene.fit`)."""
+    """Read epoch files, fit the scene and return the result.
+
+    ``shift_prior``: prior width (arcsec) of each epoch's astrometric shift (0: no shifts).
+    ``fit_options`` go to :func:`transcene.fit` (``method``, ``max_iter``, ``priors``, ...).
+    """
     epochs = read_epochs(paths, target=target)
     if target is None:
         target = default_target(epochs)
         log.info("target defaults to the centre of the first epoch: %s", target.to_string("hmsdms"))
     ds = make_dataset(epochs, target, fit_radius=fit_radius, zero_before=zero_before, shift_prior=shift_prior)
-    return fit(ds, host=host, progress=progress)
+    return fit(ds, host=host, progress=progress, **fit_options)
 
 
 def write_outputs(

@@ -52,18 +52,20 @@ def _progress(quiet: bool):
     return lambda step, total, msg: err.print(f"  iteration {step}: {msg}")
 
 
-def _run_fit(paths, target, zero_before, host, output, scene_out, plot, fit_radius, verbose, quiet) -> int:
+def _run_fit(paths, target, zero_before, host, output, scene_out, plot, fit_radius, verbose, quiet,
+             **fit_options) -> int:
     from .api import fit_files, write_outputs
 
     with err.status("fitting the scene...", spinner="dots") if (err.is_terminal and not quiet) else _null():
         result = fit_files(paths, target=target, zero_before=zero_before, host=host, fit_radius=fit_radius,
-                           progress=_progress(quiet))
+                           progress=_progress(quiet), **fit_options)
     out = write_outputs(result, lightcurve=output, scene_dir=scene_out, plot=plot)
     lc = result.lightcurve()
     n_ref = int(sum(lc["is_reference"]))
     if not quiet:
         err.print(
-            f"fit [bold]{result.status}[/bold] in {result.n_iter} iterations ({result.elapsed:.1f} s): "
+            f"fit [bold]{result.status}[/bold] in {result.n_iter} iterations ({result.elapsed:.1f} s, "
+            f"errors: {result.method}): "
             f"{len(lc)} epochs ({n_ref} transient-free), bands {', '.join(result.dataset.bands)}"
         )
         for k, v in out.items():
@@ -90,6 +92,10 @@ def fit_cmd(
     scene_out: Optional[Path] = typer.Option(None, help="Directory for host FITS, parameters and epoch images."),
     plot: Optional[Path] = typer.Option(None, help="Light-curve plot (PNG/PDF); epoch mosaic, scene and diagnostics plots go next to it."),
     fit_radius: Optional[float] = typer.Option(None, help="Half-side of the fitted region, arcsec."),
+    method: str = typer.Option("laplace", help="Flux errors: laplace (marginal over host, position and shifts), "
+                               "linear (geometry fixed at the MAP) or map (conditional, quick look)."),
+    shift_prior: float = typer.Option(0.1, help="Prior width of each epoch's astrometric shift, arcsec (0: no shifts)."),
+    max_iter: int = typer.Option(50, help="Gauss-Newton iterations before the fit is declared not converged."),
     verbose: bool = typer.Option(False, "-v", "--verbose", help="Debug logging and tracebacks."),
     quiet: bool = typer.Option(False, "-q", "--quiet", help="Only warnings and errors."),
 ) -> None:
@@ -99,8 +105,14 @@ def fit_cmd(
     """
     _setup(verbose, quiet)
     try:
+        from .fit import METHODS
+
         if host not in ("pixel", "sersic"):
             raise ValueError(f"--host must be 'pixel' or 'sersic', got {host!r}")
+        if method not in METHODS:
+            raise ValueError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
+        if shift_prior < 0 or max_iter < 1:
+            raise ValueError(f"need --shift-prior >= 0 (got {shift_prior}) and --max-iter >= 1 (got {max_iter})")
         target = None
         if (ra is None) != (dec is None):
             raise ValueError("give both --ra and --dec, or neither")
@@ -108,7 +120,8 @@ def fit_cmd(
             from .geometry import parse_coord
 
             target = parse_coord(ra, dec)
-        code = _run_fit(epoch_files, target, zero_before, host, output, scene_out, plot, fit_radius, verbose, quiet)
+        code = _run_fit(epoch_files, target, zero_before, host, output, scene_out, plot, fit_radius, verbose, quiet,
+                        method=method, shift_prior=shift_prior, max_iter=max_iter)
     except typer.Exit:
         raise
     except Exception as exc:  # noqa: BLE001 - mapped to an exit code with a clear message

@@ -1,4 +1,4 @@
-"""Fitting a scene to a dataset: MAP by Gauss-Newton, then the exact Gaussian flux covariance."""
+"""Fitting a scene to a dataset: MAP by Gauss-Newton, then the Gaussian flux covariance."""
 
 from __future__ import annotations
 
@@ -21,13 +21,16 @@ from .geometry import sky_to_offsets
 from .host import PixelHost, SersicHost
 from .result import FitResult
 from .scene import N_LOCAL, Scene, SceneGlobal
-from .solve import LINEAR_TOL, Priors, flux_covariance, gauss_newton_step, objective_and_chi2, prior_arrays
+from .solve import (LINEAR_TOL, Priors, flux_covariance, gauss_newton_step, local_variances, objective_and_chi2,
+                    prior_arrays)
 
-__all__ = ["fit", "initial_scene"]
+__all__ = ["fit", "initial_scene", "METHODS"]
 
 log = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[int, int, str], None]
+Method = Literal["linear", "map", "laplace"]
+METHODS: tuple[str, ...] = ("linear", "map", "laplace")
 
 
 def initial_scene(ds: Dataset, host: Literal["pixel", "sersic"] = "pixel", stars: SkyCoord | None = None) -> Scene:
@@ -168,6 +171,39 @@ def _keep_linear(step: Scene) -> Scene:
     return Scene(glob=glob, local=local)
 
 
+def _freeze_geometry(scene: Scene, stacks, pa):
+    """The same problem with the geometry fixed at ``scene``: the shifts baked into the epochs'
+    reference pixels (and pinned at zero), the position priors centred on the current positions
+    and made rigid. Returns ``(scene with zero shifts, stacks, prior arrays)``."""
+    frozen = tuple(
+        eqx.tree_at(lambda s: (s.p0, s.shift_prec), st,
+                    (st.p0 + jnp.einsum("eij,ej->ei", st.amat, loc[:, 2:]), jnp.full_like(st.shift_prec, PINNED)))
+        for st, loc in zip(stacks, scene.local)
+    )
+    scene0 = Scene(glob=scene.glob, local=tuple(loc.at[:, 2:].set(0.0) for loc in scene.local))
+    pa_frozen = eqx.tree_at(
+        lambda p: (p.position_prec, p.position_centre, p.star_prec, p.star_centre), pa,
+        (jnp.asarray(PINNED), scene.glob.position, jnp.asarray(PINNED), scene.glob.star_position),
+    )
+    return scene0, frozen, pa_frozen
+
+
+def _uncertainties(method: str, scene: Scene, stacks, grid, pa):
+    """``(flux covariance [E, E], local conditional variances [E, 4], position covariance)``."""
+    if method == "laplace":
+        cov, local_var, pos_cov, _ = flux_covariance(scene, stacks, grid, pa)
+    elif method == "linear":
+        scene0, frozen, pa_frozen = _freeze_geometry(scene, stacks, pa)
+        cov, local_var, _, _ = flux_covariance(scene0, frozen, grid, pa_frozen)
+        pos_cov = np.full((2, 2), np.nan)  # fixed, not estimated
+    else:  # map
+        scene0, frozen, pa_frozen = _freeze_geometry(scene, stacks, pa)
+        local_var = np.asarray(local_variances(scene0, frozen, grid, pa_frozen))
+        cov = np.diag(local_var[:, 0])
+        pos_cov = np.full((2, 2), np.nan)
+    return np.asarray(cov), np.asarray(local_var), np.asarray(pos_cov)
+
+
 def fit(
     ds: Dataset,
     *,
@@ -179,12 +215,24 @@ def fit(
     init: Scene | None = None,
     progress: ProgressCallback | None = None,
     phase1_tol: float = PHASE1_TOL,
+    method: Method = "laplace",
 ) -> FitResult:
     """Fit the scene to ``ds`` and return the light curve with Gaussian flux errors.
 
-    The MAP is found by Gauss-Newton over all parameters (exact in the linear ones); flux errors
-    come from the inverse of the same normal matrix, marginalised over the host, the transient
-    position and the per-epoch sky and shifts.
+    The MAP is found by Gauss-Newton over all parameters (exact in the linear ones). The flux
+    errors depend on ``method`` (all three cost about the same, one CG solve per probe of the
+    covariance, except ``map``):
+
+    * ``"laplace"`` (default): Gaussian over all free parameters at the MAP (Gauss-Newton
+      Hessian): the fluxes marginalised over the host, the transient position, the static
+      sources, and each epoch's sky and shift. This is what the validation campaign calibrates.
+    * ``"linear"``: the geometry (transient and star positions, shifts; for a Sersic host its
+      shape stays free) fixed at the MAP; the fluxes marginalised over the host and the skies
+      only. Exact for the linear model, smaller than ``laplace`` by the position and
+      registration uncertainty; the transient position gets no error.
+    * ``"map"``: no covariance solve; each epoch's error is conditional on the host and the
+      geometry (a lower bound, far too small wherever the host under the transient is
+      uncertain), and epochs are uncorrelated. For quick looks only.
 
     Args:
         host: ``"pixel"`` (non-parametric, default) or ``"sersic"``.
@@ -196,6 +244,8 @@ def fit(
         progress: called as ``progress(step, total, message)``.
         phase1_tol: CG tolerance of the Gauss-Newton steps before the geometry is frozen.
     """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
     t0 = time.perf_counter()
     scene = init if init is not None else initial_scene(ds, host, stars)
     star_centre = np.asarray(scene.glob.star_position)
@@ -262,16 +312,7 @@ def fit(
         # Phase 2: geometry frozen (the shifts baked into the epochs' reference pixels, the
         # position priors centred on the current positions and made rigid), the linear
         # parameters solved exactly in one step.
-        frozen = tuple(
-            eqx.tree_at(lambda s: (s.p0, s.shift_prec), st,
-                        (st.p0 + jnp.einsum("eij,ej->ei", st.amat, loc[:, 2:]), jnp.full_like(st.shift_prec, PINNED)))
-            for st, loc in zip(stacks, scene.local)
-        )
-        scene0 = Scene(glob=scene.glob, local=tuple(loc.at[:, 2:].set(0.0) for loc in scene.local))
-        pa_frozen = eqx.tree_at(
-            lambda p: (p.position_prec, p.position_centre, p.star_prec, p.star_centre), pa,
-            (jnp.asarray(PINNED), scene.glob.position, jnp.asarray(PINNED), scene.glob.star_position),
-        )
+        scene0, frozen, pa_frozen = _freeze_geometry(scene, stacks, pa)
         step, _, cg_it, cg_res = gauss_newton_step(scene0, frozen, grid, pa_frozen, jnp.asarray(LINEAR_TOL))
         cg_total += int(cg_it)
         _check_cg(cg_it, cg_res)
@@ -289,8 +330,7 @@ def fit(
             ConvergenceWarning,
             stacklevel=2,
         )
-    cov, local_var, pos_cov, cov_cg = flux_covariance(scene, stacks, grid, pa)
-    cov = np.asarray(cov)
+    cov, local_var, pos_cov = _uncertainties(method, scene, stacks, grid, pa)
     if not np.all(np.isfinite(np.diag(cov))):
         raise FitError("the flux covariance is not finite: the problem is degenerate (check the inputs)")
     chi2 = [np.asarray(c) for c in chi2]  # of the final scene, from its last objective evaluation
@@ -309,4 +349,5 @@ def fit(
         chi2=chi2,
         host_kind=host,
         elapsed=elapsed,
+        method=method,
     )

@@ -20,6 +20,17 @@ from .scene import Scene
 __all__ = ["FitResult", "Flag", "write_table"]
 
 
+#: what each fitting method's flux errors are (written into the light curve's metadata)
+UNCERTAINTY = {
+    "laplace": "Gaussian (Laplace) posterior at the MAP: fluxes marginalised over the host, the transient "
+               "position, static sources, and each epoch's sky and astrometric shift",
+    "linear": "Gaussian, geometry fixed at the MAP: fluxes marginalised over the host and skies; transient "
+              "position and shifts held fixed (no position error)",
+    "map": "conditional on the host and geometry at the MAP (a lower bound; epochs uncorrelated); "
+           "for quick looks only",
+}
+
+
 class Flag(enum.IntFlag):
     """Bits of the light curve's ``flags`` column."""
 
@@ -50,7 +61,7 @@ class FitResult:
     chi2: list[np.ndarray]
     host_kind: str
     elapsed: float
-    method: str = "linear"
+    method: str = "laplace"
     # the light curve is built once (plots and writers ask for it repeatedly); callers get copies
     _cache: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
 
@@ -202,6 +213,7 @@ class FitResult:
             "time_scale": "UTC",
             "model": f"{self.host_kind} host + transient point source",
             "method": self.method,
+            "uncertainty": UNCERTAINTY.get(self.method, self.method),
             "status": self.status,
             "converged": self.converged,
             "n_iterations": self.n_iter,

@@ -30,7 +30,8 @@ from .host import PixelHost, SersicHost, host_prior_spectrum
 from .render import batched
 from .scene import Scene, SceneGlobal, host_spectrum, local_jacobian, render_epoch, render_stack
 
-__all__ = ["Priors", "objective", "gauss_newton_step", "flux_covariance", "PriorArrays", "prior_arrays"]
+__all__ = ["Priors", "objective", "gauss_newton_step", "flux_covariance", "local_variances", "PriorArrays",
+           "prior_arrays"]
 
 log = logging.getLogger(__name__)
 
@@ -197,24 +198,36 @@ def _pcg(apply_a, b, precond, x0, tol, maxiter):
     return x, k, jnp.sqrt(jnp.vdot(r, r)) / bnorm
 
 
+def _local_blocks(loc, st: EpochStack, glob: SceneGlobal, grid: ModelGrid):
+    """Model, local Jacobian (flux column zeroed where pinned), residual, normal blocks of one stack."""
+    model, jl = local_jacobian(glob, loc, st, grid)
+    jl = jl.at[..., 0].multiply(st.free_flux[:, None, None])
+    w = st.weight
+    r = st.data - model
+    prec = _local_prec(st)
+    n_mat = jnp.einsum("eyxa,eyx,eyxb->eab", jl, w, jl) + jax.vmap(jnp.diag)(prec)
+    # keeps a block invertible when a parameter has no data (e.g. the transient off an epoch)
+    ridge = 1e-12 * jnp.diagonal(n_mat, axis1=1, axis2=2) + 1e-30
+    n_mat = n_mat + jax.vmap(jnp.diag)(ridge)
+    b = jnp.einsum("eyxa,eyx->ea", jl, w * r) - prec * loc
+    return dict(jl=jl, w=w, r=r, ninv=jnp.linalg.inv(n_mat), b=b)
+
+
+@eqx.filter_jit
+def local_variances(scene: Scene, stacks, grid: ModelGrid, pa: PriorArrays) -> jax.Array:
+    """Variances ``[E, 4]`` of each epoch's ``[flux, sky, shift]`` conditional on the global
+    parameters (host, positions) at ``scene``; stacks concatenated, padded slots included."""
+    del pa  # the local priors live in the stacks
+    return jnp.concatenate([jax.vmap(jnp.diag)(_local_blocks(loc, st, scene.glob, grid)["ninv"])
+                            for loc, st in zip(scene.local, stacks)], axis=0)
+
+
 def _build(scene: Scene, stacks, grid, pa: PriorArrays):
     """Residuals, local blocks and the reduced operator at ``scene``."""
     glob = scene.glob
     flat0, unravel = ravel_pytree(glob)
     n_g = flat0.shape[0]
-    parts = []
-    for loc, st in zip(scene.local, stacks):
-        model, jl = local_jacobian(glob, loc, st, grid)
-        jl = jl.at[..., 0].multiply(st.free_flux[:, None, None])
-        w = st.weight
-        r = st.data - model
-        prec = _local_prec(st)
-        n_mat = jnp.einsum("eyxa,eyx,eyxb->eab", jl, w, jl) + jax.vmap(jnp.diag)(prec)
-        # keeps a block invertible when a parameter has no data (e.g. the transient off an epoch)
-        ridge = 1e-12 * jnp.diagonal(n_mat, axis1=1, axis2=2) + 1e-30
-        n_mat = n_mat + jax.vmap(jnp.diag)(ridge)
-        b = jnp.einsum("eyxa,eyx->ea", jl, w * r) - prec * loc
-        parts.append(dict(jl=jl, w=w, r=r, ninv=jnp.linalg.inv(n_mat), b=b))
+    parts = [_local_blocks(loc, st, glob, grid) for loc, st in zip(scene.local, stacks)]
 
     def model_all(g):
         return tuple(render_stack(g, loc, st, grid) for loc, st in zip(scene.local, stacks))

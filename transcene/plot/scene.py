@@ -59,9 +59,11 @@ def plot_scene(
     npan = nb + (1 if colour else 0)
     fig = Figure(figsize=(3.6 * npan + 0.6, 3.9), layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, npan, squeeze=False)[0])
-    w, h, ang = _ellipse(hp.cov)
+    # no ellipse where the position was held fixed (method "linear"/"map": covariance NaN)
+    has_cov = bool(np.all(np.isfinite(hp.cov)))
+    w, h, ang = _ellipse(hp.cov) if has_cov else (0.0, 0.0, 0.0)
     mag = 1.0
-    if max(w, h) < hp.scale:
+    if has_cov and max(w, h) < hp.scale:
         mag = float(10 ** np.ceil(np.log10(hp.scale / max(max(w, h), 1e-6))))
     res_txt = f"at {resolution:.2f}\" FWHM" if resolution > 0 else "model grid"
     for ax, b in zip(axes, order):
@@ -84,9 +86,11 @@ def plot_scene(
         axes[-1].imshow(img, origin="lower", extent=hp.extent, interpolation="nearest")
         axes[-1].set_title(f"colour ({', '.join(hp.bands[i] for i in order)} as B, G, R)", fontsize=9)
     for ax in axes:
-        ax.plot(*hp.offset, "+", color="cyan", ms=12, mew=1.2, label="transient")
-        ax.add_patch(Ellipse(tuple(hp.offset), w * mag, h * mag, angle=ang, fill=False, ec="cyan", lw=1.0,
-                             label="1-sigma" + (f" (x{mag:g})" if mag > 1 else "")))
+        ax.plot(*hp.offset, "+", color="cyan", ms=12, mew=1.2,
+                label="transient" if has_cov else "transient (position fixed)")
+        if has_cov:
+            ax.add_patch(Ellipse(tuple(hp.offset), w * mag, h * mag, angle=ang, fill=False, ec="cyan", lw=1.0,
+                                 label="1-sigma" + (f" (x{mag:g})" if mag > 1 else "")))
         ax.set_xlabel("East offset [arcsec]")
         half = zoom if zoom is not None else _support(hp)
         ax.set_xlim(half, -half)
