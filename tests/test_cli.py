@@ -66,13 +66,14 @@ def test_fit_method_linear_writes_every_output(small_sim, fitted, tmp_path):
     out0, truth, _ = fitted
     res = runner.invoke(app, [
         "fit", str(small_sim), "--ra", str(truth.meta["transient_ra"]), "--dec", str(truth.meta["transient_dec"]),
-        "--method", "linear", "-o", str(tmp_path / "lc.ecsv"), "--scene-out", str(tmp_path / "scene"),
+        "--method", "linear", "--null-test", "-o", str(tmp_path / "lc.ecsv"), "--scene-out", str(tmp_path / "scene"),
         "--plot", str(tmp_path / "lc.png"), "-q",
     ])
     assert res.exit_code in (0, 1), res.output
     lin = Table.read(tmp_path / "lc.ecsv")
     lap = Table.read(out0 / "lc.ecsv")
     assert lin.meta["method"] == "linear"
+    assert lin.meta["reference_null_test"]["r"]["dof"] == 1  # two references, one anchor
     np.testing.assert_allclose(np.asarray(lin["flux"]), np.asarray(lap["flux"]), rtol=1e-6, atol=1e-6)
     sci = ~np.asarray(lin["is_reference"])
     assert np.all(np.asarray(lin["flux_err"])[sci] <= np.asarray(lap["flux_err"])[sci] * (1 + 1e-4))

@@ -68,6 +68,14 @@ def _run_fit(paths, target, zero_before, host, output, scene_out, plot, fit_radi
             f"errors: {result.method}): "
             f"{len(lc)} epochs ({n_ref} transient-free), bands {', '.join(result.dataset.bands)}"
         )
+        det = result.detection()
+        err.print("  detection (no transient in any measured epoch rejected at): "
+                  + ", ".join(f"{b} {d['sigma']:.1f} sigma ({d['dof']} epochs)" for b, d in det.items() if d["dof"]))
+        for b, d in (result.reference_null or {}).items():
+            verdict = "n/a (fewer than 2 references)" if not d["dof"] else (
+                f"chi2 {d['chi2']:.1f} / {d['dof']} dof, p = {d['p_value']:.2g}"
+                + (f" [red]FAILED[/red]: most deviant {escape(d['worst_exposure'])}" if d["p_value"] < 1e-3 else " ok"))
+            err.print(f"  reference null test, {b}: {verdict}")
         for k, v in out.items():
             err.print(f"  {k}: {v}")
     return EXIT_OK if result.converged else EXIT_NOT_CONVERGED
@@ -96,6 +104,8 @@ def fit_cmd(
                                "linear (geometry fixed at the MAP) or map (conditional, quick look)."),
     shift_prior: float = typer.Option(0.1, help="Prior width of each epoch's astrometric shift, arcsec (0: no shifts)."),
     max_iter: int = typer.Option(50, help="Gauss-Newton iterations before the fit is declared not converged."),
+    null_test: bool = typer.Option(False, help="Also test the transient-free epochs for transient light (refits "
+                                   "their fluxes; about the covariance's cost again)."),
     verbose: bool = typer.Option(False, "-v", "--verbose", help="Debug logging and tracebacks."),
     quiet: bool = typer.Option(False, "-q", "--quiet", help="Only warnings and errors."),
 ) -> None:
@@ -121,7 +131,7 @@ def fit_cmd(
 
             target = parse_coord(ra, dec)
         code = _run_fit(epoch_files, target, zero_before, host, output, scene_out, plot, fit_radius, verbose, quiet,
-                        method=method, shift_prior=shift_prior, max_iter=max_iter)
+                        method=method, shift_prior=shift_prior, max_iter=max_iter, null_test=null_test)
     except typer.Exit:
         raise
     except Exception as exc:  # noqa: BLE001 - mapped to an exit code with a clear message

@@ -21,6 +21,7 @@ from .geometry import sky_to_offsets
 from .host import PixelHost, SersicHost
 from .result import FitResult
 from .scene import N_LOCAL, Scene, SceneGlobal
+from .significance import reference_null_test
 from .solve import (LINEAR_TOL, Priors, flux_covariance, gauss_newton_step, local_variances, objective_and_chi2,
                     prior_arrays)
 
@@ -216,6 +217,7 @@ def fit(
     progress: ProgressCallback | None = None,
     phase1_tol: float = PHASE1_TOL,
     method: Method = "laplace",
+    null_test: bool = False,
 ) -> FitResult:
     """Fit the scene to ``ds`` and return the light curve with Gaussian flux errors.
 
@@ -243,6 +245,11 @@ def fit(
             real SN 2021rhu data, whose bright epochs the PSF models only approximately, in 24).
         progress: called as ``progress(step, total, message)``.
         phase1_tol: CG tolerance of the Gauss-Newton steps before the geometry is frozen.
+        method: ``"laplace"``, ``"linear"`` or ``"map"`` (above).
+        null_test: also refit the transient-free epochs' fluxes and test them against zero
+            (:func:`transcene.significance.reference_null_test`; about the cost of the
+            covariance again). The result goes into ``FitResult.reference_null`` and the table's
+            metadata, and a failure is logged as a warning.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
@@ -333,6 +340,13 @@ def fit(
     cov, local_var, pos_cov = _uncertainties(method, scene, stacks, grid, pa)
     if not np.all(np.isfinite(np.diag(cov))):
         raise FitError("the flux covariance is not finite: the problem is degenerate (check the inputs)")
+    null = None
+    if null_test:
+        null = reference_null_test(
+            scene, stacks, grid, pa, epochs=ds.epochs, freeze=_freeze_geometry,
+            step_fn=lambda s, st, g, p: _keep_linear(gauss_newton_step(s, st, g, p, jnp.asarray(LINEAR_TOL))[0]),
+            covariance_fn=lambda s, st, g, p: flux_covariance(s, st, g, p)[0],
+        )
     chi2 = [np.asarray(c) for c in chi2]  # of the final scene, from its last objective evaluation
     elapsed = time.perf_counter() - t0
     log.info("fit %s in %d iterations (%d Anderson-accelerated; %.1f s, %d CG iterations)", status, n_iter,
@@ -350,4 +364,5 @@ def fit(
         host_kind=host,
         elapsed=elapsed,
         method=method,
+        reference_null=null,
     )

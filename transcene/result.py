@@ -16,6 +16,7 @@ from .epoch import NJY_AB_ZEROPOINT
 from .geometry import offsets_to_sky
 from .host import PixelHost, SersicHost
 from .scene import Scene
+from .significance import detection_test
 
 __all__ = ["FitResult", "Flag", "write_table"]
 
@@ -62,6 +63,8 @@ class FitResult:
     host_kind: str
     elapsed: float
     method: str = "laplace"
+    #: per band, the reference-epoch null test (``fit(..., null_test=True)``), else None
+    reference_null: dict | None = None
     # the light curve is built once (plots and writers ask for it repeatedly); callers get copies
     _cache: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
 
@@ -173,6 +176,13 @@ class FitResult:
         )
         return out
 
+    def detection(self) -> dict:
+        """Joint test of "no transient in any measured epoch", over all bands and per band
+        (:func:`transcene.significance.detection_test`): ``{chi2, dof, p_value, sigma}``."""
+        ref = np.asarray(self.dataset.epochs["is_reference"], bool)
+        return detection_test(self._local()[:, 0], self.epoch_covariance(), np.asarray(self.dataset.epochs["band"]),
+                              ~ref)
+
     def transient_pixel(self, index: int) -> tuple[float, float]:
         """Fitted transient position (0-based x, y) in the fitted cutout of epoch ``index``
         (row of ``dataset.epochs``), the epoch's astrometric shift included."""
@@ -223,7 +233,10 @@ class FitResult:
             "model_pixel_scale_arcsec": float(ds.grid.scale),
             "fit_seconds": round(self.elapsed, 3),
             "version": __version__,
+            "detection": self.detection(),
         }
+        if self.reference_null is not None:
+            meta["reference_null_test"] = self.reference_null
         h = self.scene.glob.host
         if isinstance(h, SersicHost):
             q, pa, re = (float(v) for v in h.shape_params())
