@@ -104,6 +104,9 @@ def fit_cmd(
                                "linear (geometry fixed at the MAP) or map (conditional, quick look)."),
     shift_prior: float = typer.Option(0.1, help="Prior width of each epoch's astrometric shift, arcsec (0: no shifts)."),
     max_iter: int = typer.Option(50, help="Gauss-Newton iterations before the fit is declared not converged."),
+    student_t: Optional[float] = typer.Option(None, help="Student-t pixel likelihood with this many degrees of freedom "
+                                              "(e.g. 5) for cosmic rays and bad columns the masks missed; "
+                                              "default Gaussian. Errors grow by 3 % at 5."),
     null_test: bool = typer.Option(False, help="Also test the transient-free epochs for transient light (refits "
                                    "their fluxes; about the covariance's cost again)."),
     verbose: bool = typer.Option(False, "-v", "--verbose", help="Debug logging and tracebacks."),
@@ -121,6 +124,8 @@ def fit_cmd(
             raise ValueError(f"--host must be 'pixel' or 'sersic', got {host!r}")
         if method not in METHODS:
             raise ValueError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
+        if student_t is not None and not student_t > 0:
+            raise ValueError(f"--student-t must be a positive number of degrees of freedom, got {student_t}")
         if shift_prior < 0 or max_iter < 1:
             raise ValueError(f"need --shift-prior >= 0 (got {shift_prior}) and --max-iter >= 1 (got {max_iter})")
         target = None
@@ -131,7 +136,7 @@ def fit_cmd(
 
             target = parse_coord(ra, dec)
         code = _run_fit(epoch_files, target, zero_before, host, output, scene_out, plot, fit_radius, verbose, quiet,
-                        method=method, shift_prior=shift_prior, max_iter=max_iter, null_test=null_test)
+                        method=method, shift_prior=shift_prior, max_iter=max_iter, null_test=null_test, student_t=student_t)
     except typer.Exit:
         raise
     except Exception as exc:  # noqa: BLE001 - mapped to an exit code with a clear message

@@ -65,6 +65,8 @@ class FitResult:
     method: str = "laplace"
     #: per band, the reference-epoch null test (``fit(..., null_test=True)``), else None
     reference_null: dict | None = None
+    #: "gaussian" or "student-t (nu=...)": the pixel likelihood
+    likelihood: str = "gaussian"
     # the light curve is built once (plots and writers ask for it repeatedly); callers get copies
     _cache: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
 
@@ -224,6 +226,7 @@ class FitResult:
             "model": f"{self.host_kind} host + transient point source",
             "method": self.method,
             "uncertainty": UNCERTAINTY.get(self.method, self.method),
+            "likelihood": self.likelihood,
             "status": self.status,
             "converged": self.converged,
             "n_iterations": self.n_iter,

@@ -54,7 +54,7 @@ from scipy import ndimage, special
 
 from .epoch import NJY_AB_ZEROPOINT, Epoch, write_epoch
 
-__all__ = ["SimulationConfig", "simulate", "write_simulation", "MASKED_VALUE"]
+__all__ = ["SimulationConfig", "simulate", "write_simulation", "add_outliers", "MASKED_VALUE"]
 
 log = logging.getLogger(__name__)
 
@@ -582,3 +582,40 @@ def write_simulation(outdir: str | Path, config: SimulationConfig, *,
     truth.write(outdir / "truth.ecsv", format="ascii.ecsv", overwrite=overwrite)
     log.info("wrote %d epochs and truth.ecsv to %s", len(epochs), outdir)
     return outdir
+
+
+def add_outliers(epochs: list[Epoch], *, rng: np.random.Generator, cosmic_rays: float = 3.0,
+                 bad_column_fraction: float = 0.0, amplitude_sigma: tuple[float, float] = (20.0, 500.0),
+                 near: tuple[float, float] | None = None) -> tuple[list[Epoch], list[np.ndarray]]:
+    """Cosmic rays and bad columns that the epochs' masks and variances do not know about.
+
+    Per epoch a Poisson number (mean ``cosmic_rays``) of hits, each 1-3 adjacent pixels of
+    ``amplitude_sigma`` (uniform range, in units of the pixel's sigma), placed uniformly or, with
+    ``near = (x, y)``, within 3 pixels of that pixel position (to hit the transient); a fraction
+    ``bad_column_fraction`` of the epochs also get one column raised by 30 sigma. Returns the new
+    epochs and, per epoch, the boolean map of the pixels changed (the truth).
+    """
+    out, hit_maps = [], []
+    for ep in epochs:
+        img = np.array(ep.image, float)
+        sig = np.sqrt(np.where(np.isfinite(ep.variance), ep.variance, 0.0))
+        ny, nx = img.shape
+        hit = np.zeros(img.shape, bool)
+        for _ in range(rng.poisson(cosmic_rays)):
+            if near is None:
+                x, y = rng.integers(0, nx), rng.integers(0, ny)
+            else:
+                x = int(np.clip(round(near[0] + rng.uniform(-3, 3)), 0, nx - 1))
+                y = int(np.clip(round(near[1] + rng.uniform(-3, 3)), 0, ny - 1))
+            dx, dy = (1, 0) if rng.random() < 0.5 else (0, 1)
+            for k in range(rng.integers(1, 4)):
+                xx, yy = min(x + k * dx, nx - 1), min(y + k * dy, ny - 1)
+                img[yy, xx] += rng.uniform(*amplitude_sigma) * sig[yy, xx]
+                hit[yy, xx] = True
+        if rng.random() < bad_column_fraction:
+            col = rng.integers(0, nx)
+            img[:, col] += 30.0 * sig[:, col]
+            hit[:, col] = True
+        out.append(dataclasses.replace(ep, image=img))
+        hit_maps.append(hit & ~ep.mask)
+    return out, hit_maps

@@ -163,6 +163,13 @@ def objective_and_chi2(scene: Scene, stacks, grid: ModelGrid, pa: PriorArrays):
 
 
 @eqx.filter_jit
+def standardized_residuals(scene: Scene, stacks: tuple[EpochStack, ...], grid: ModelGrid) -> tuple[jax.Array, ...]:
+    """``sqrt(weight) * (data - model)`` per stack (0 where masked)."""
+    return tuple(jnp.sqrt(st.weight) * (st.data - render_stack(scene.glob, loc, st, grid))
+                 for loc, st in zip(scene.local, stacks))
+
+
+@eqx.filter_jit
 def chi2_per_epoch(scene: Scene, stacks: tuple[EpochStack, ...], grid: ModelGrid) -> tuple[jax.Array, ...]:
     """Residual chi^2 per epoch slot, per stack."""
     return _chi2_terms(scene, stacks, grid)
