@@ -81,6 +81,12 @@ def test_fit_method_linear_writes_every_output(small_sim, fitted, tmp_path):
     assert (tmp_path / "lc_scene.png").stat().st_size > 1000
 
 
+def test_fit_rejects_bad_student_t(small_sim):
+    res = runner.invoke(app, ["fit", str(small_sim), "--student-t", "-1", "-q"])
+    assert res.exit_code == EXIT_BAD_INPUT
+    assert "--student-t must be a positive number of degrees of freedom, got -1.0" in res.output
+
+
 def test_fit_rejects_unknown_method(small_sim):
     res = runner.invoke(app, ["fit", str(small_sim), "--method", "nuts", "-q"])
     assert res.exit_code == EXIT_BAD_INPUT
