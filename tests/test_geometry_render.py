@@ -13,6 +13,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import time
 
 import transcene  # noqa: F401  (first: enables float64)
@@ -612,6 +614,19 @@ def test_map_errors_equal_the_known_host_bound(fit_results, method_results):
     cov = res.epoch_covariance()
     np.testing.assert_array_equal(cov, np.diag(np.diag(cov)))
     assert "lower bound" in lc.meta["uncertainty"]
+
+
+def test_masked_at_transient_flags_exactly_the_masked_epoch():
+    """An epoch whose pixels around the transient are masked gets MASKED_AT_TRANSIENT (16);
+    the others do not."""
+    eps = _fit_epochs(11)
+    x, y = world_to_pixel(eps[3].wcs, astropy_tangent_offsets_to_sky(TARGET, FIT_OFFSET))[0]
+    mask = np.zeros(eps[3].image.shape, bool)
+    mask[int(round(y)) - 3:int(round(y)) + 4, int(round(x)) - 3:int(round(x)) + 4] = True
+    eps[3] = dataclasses.replace(eps[3], mask=mask)
+    res = fit(make_dataset(eps, TARGET, fit_radius=FIT_RADIUS, pad_epochs=False), method="map")
+    flags = np.asarray(res.lightcurve()["flags"])
+    assert [bool(f & 16) for f in flags] == [i == 3 for i in range(len(eps))], flags
 
 
 def test_fit_rejects_an_unknown_method(fit_results):

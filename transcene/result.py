@@ -198,10 +198,10 @@ class FitResult:
     def _masked_at_transient(self) -> np.ndarray:
         ds = self.dataset
         out = []
-        for s, k, fwhm, scale in zip(ds.epochs["stack"], ds.epochs["slot"], ds.epochs["psf_fwhm"], ds.epochs["pixel_scale"]):
-            st = ds.stacks[s]
-            w = np.asarray(st.weight[k])
-            p = np.asarray(st.p0[k]) + np.asarray(st.amat[k]) @ self.transient_offset
+        for i, (s, k, fwhm, scale) in enumerate(zip(ds.epochs["stack"], ds.epochs["slot"], ds.epochs["psf_fwhm"],
+                                                     ds.epochs["pixel_scale"])):
+            w = np.asarray(ds.stacks[s].weight[k])
+            p = self.transient_pixel(i)  # the epoch's fitted shift included
             yy, xx = np.indices(w.shape)
             r = np.hypot(xx - p[0], yy - p[1]) * scale
             near = r <= max(float(fwhm), scale)
