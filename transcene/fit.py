@@ -22,8 +22,8 @@ from .host import PixelHost, SersicHost
 from .result import FitResult
 from .scene import N_LOCAL, Scene, SceneGlobal
 from .significance import reference_null_test
-from .solve import (LINEAR_TOL, Priors, flux_covariance, gauss_newton_step, local_variances, objective_and_chi2,
-                    prior_arrays, standardized_residuals)
+from .solve import (LINEAR_TOL, Priors, flux_covariance, freeze_geometry, gauss_newton_step, linear_solution, local_variances,
+                    objective_and_chi2, posterior_energy, prior_arrays, standardized_residuals)
 
 __all__ = ["fit", "initial_scene", "METHODS"]
 
@@ -164,14 +164,6 @@ def _step_sizes(step: Scene, lvar, stacks, alpha: float, misfit) -> tuple[float,
     return dflux, dshift, alpha * float(max(vals))
 
 
-def _keep_linear(step: Scene) -> Scene:
-    """Zero the (numerically tiny, pinned) non-linear entries of a step: positions and shifts."""
-    glob = eqx.tree_at(lambda g: (g.position, g.star_position), step.glob,
-                       (jnp.zeros_like(step.glob.position), jnp.zeros_like(step.glob.star_position)))
-    local = tuple(loc.at[:, 2:].set(0.0) for loc in step.local)
-    return Scene(glob=glob, local=local)
-
-
 #: Gauss-Newton iteration at which a Student-t fit starts reweighting
 IRLS_START = 3
 #: residuals beyond this many sigma count as outliers in a Student-t fit's reported chi2
@@ -182,13 +174,17 @@ def _with_weights(stacks, weights):
     return tuple(eqx.tree_at(lambda s: s.weight, st, w) for st, w in zip(stacks, weights))
 
 
-def _student_t_weights(scene: Scene, stacks, grid, nu: float):
+def _student_t_reweight(scene: Scene, gaussian_stacks, grid, pa, nu: float):
     """IRLS weights of a Student-t pixel likelihood with ``nu`` degrees of freedom and scale the
-    epoch's sigma: ``w (nu + 1) / (nu + z^2)``, z the standardized residual at ``scene``. A
-    Gauss-Newton step with them decreases a quadratic majorizer of the Student-t objective, so
-    a step that lowers it lowers the Student-t objective too."""
-    zs = standardized_residuals(scene, stacks, grid)
-    return _with_weights(stacks, [st.weight * (nu + 1.0) / (nu + z * z) for st, z in zip(stacks, zs)])
+    epoch's sigma, ``w (nu + 1) / (nu + z^2)`` (z: the standardized residual at ``scene``), and
+    the objective and per-epoch chi2 under them, from one rendering. A Gauss-Newton step with
+    these weights decreases a quadratic majorizer of the Student-t objective, so a step that
+    lowers it lowers the Student-t objective too. Returns ``(stacks, objective, chi2)``."""
+    zs = standardized_residuals(scene, gaussian_stacks, grid)
+    us = [(nu + 1.0) / (nu + z * z) for z in zs]
+    stacks = _with_weights(gaussian_stacks, [st.weight * u for st, u in zip(gaussian_stacks, us)])
+    chi2 = tuple(jnp.sum(u * z * z, axis=(1, 2)) for u, z in zip(us, zs))
+    return stacks, float(posterior_energy(scene, stacks, grid, pa, chi2)), chi2
 
 
 def student_t_efficiency(nu: float) -> float:
@@ -205,43 +201,24 @@ def student_t_efficiency(nu: float) -> float:
     return dpsi**2 / psi2
 
 
-def _student_t_covariance_weights(scene: Scene, stacks, grid, nu: float):
-    """Weights whose normal matrix gives a Student-t fit's covariance: the sandwich
-    (M-estimator) covariance ``A^-1 B A^-1`` for Gaussian inliers, ``w * efficiency(nu)``, and
-    no information from outliers (beyond ``OUTLIER_SIGMA``). The expectations are taken over the
-    noise, not the realised residuals: those are smaller than sigma exactly where the model has
-    many free parameters (the pixel host under the transient), and would feign information
+def _student_t_final(scene: Scene, gaussian_stacks, grid, nu: float):
+    """From one rendering at the solution: the weights of a Student-t fit's covariance, the
+    per-epoch chi2 with each pixel capped at ``OUTLIER_SIGMA**2``, and the number of pixels
+    beyond ``OUTLIER_SIGMA``.
+
+    The covariance is the sandwich (M-estimator) one ``A^-1 B A^-1`` for Gaussian inliers,
+    ``w * efficiency(nu)``, with no information from outliers. The expectations are taken over
+    the noise, not the realised residuals: those are smaller than sigma exactly where the model
+    has many free parameters (the pixel host under the transient), and would feign information
     there. The Student-t model's own Fisher matrix would inflate the variances by (nu+3)/(nu+1)
     (1.33 for nu = 5) instead of the 1.06 a robust fit to Gaussian data really costs."""
-    zs = standardized_residuals(scene, stacks, grid)
+    zs = standardized_residuals(scene, gaussian_stacks, grid)
     kappa = student_t_efficiency(nu)
-    return _with_weights(stacks, [st.weight * kappa * (jnp.abs(z) <= OUTLIER_SIGMA) for st, z in zip(stacks, zs)])
-
-
-def _winsorized_chi2(scene: Scene, stacks, grid, clip: float = OUTLIER_SIGMA):
-    """Per-epoch chi2 with each pixel's contribution capped at ``clip**2``, and the number of
-    pixels beyond ``clip`` sigma."""
-    zs = standardized_residuals(scene, stacks, grid)
-    chi2 = tuple(jnp.sum(jnp.minimum(z * z, clip**2), axis=(1, 2)) for z in zs)
-    n_out = tuple(jnp.sum(jnp.abs(z) > clip, axis=(1, 2)) for z in zs)
-    return chi2, n_out
-
-
-def _freeze_geometry(scene: Scene, stacks, pa):
-    """The same problem with the geometry fixed at ``scene``: the shifts baked into the epochs'
-    reference pixels (and pinned at zero), the position priors centred on the current positions
-    and made rigid. Returns ``(scene with zero shifts, stacks, prior arrays)``."""
-    frozen = tuple(
-        eqx.tree_at(lambda s: (s.p0, s.shift_prec), st,
-                    (st.p0 + jnp.einsum("eij,ej->ei", st.amat, loc[:, 2:]), jnp.full_like(st.shift_prec, PINNED)))
-        for st, loc in zip(stacks, scene.local)
-    )
-    scene0 = Scene(glob=scene.glob, local=tuple(loc.at[:, 2:].set(0.0) for loc in scene.local))
-    pa_frozen = eqx.tree_at(
-        lambda p: (p.position_prec, p.position_centre, p.star_prec, p.star_centre), pa,
-        (jnp.asarray(PINNED), scene.glob.position, jnp.asarray(PINNED), scene.glob.star_position),
-    )
-    return scene0, frozen, pa_frozen
+    inlier = [jnp.abs(z) <= OUTLIER_SIGMA for z in zs]
+    cov_stacks = _with_weights(gaussian_stacks, [st.weight * kappa * i for st, i in zip(gaussian_stacks, inlier)])
+    chi2 = tuple(jnp.sum(jnp.minimum(z * z, OUTLIER_SIGMA**2), axis=(1, 2)) for z in zs)
+    n_out = sum(int(jnp.sum(~i & (st.weight > 0))) for i, st in zip(inlier, gaussian_stacks))
+    return cov_stacks, chi2, n_out
 
 
 def _uncertainties(method: str, scene: Scene, stacks, grid, pa):
@@ -249,12 +226,12 @@ def _uncertainties(method: str, scene: Scene, stacks, grid, pa):
     if method == "laplace":
         cov, local_var, pos_cov, _ = flux_covariance(scene, stacks, grid, pa)
     elif method == "linear":
-        scene0, frozen, pa_frozen = _freeze_geometry(scene, stacks, pa)
+        scene0, frozen, pa_frozen = freeze_geometry(scene, stacks, pa)
         cov, local_var, _, _ = flux_covariance(scene0, frozen, grid, pa_frozen)
         pos_cov = np.full((2, 2), np.nan)  # fixed, not estimated
     else:  # map
-        scene0, frozen, pa_frozen = _freeze_geometry(scene, stacks, pa)
-        local_var = np.asarray(local_variances(scene0, frozen, grid, pa_frozen))
+        scene0, frozen, _ = freeze_geometry(scene, stacks, pa)
+        local_var = np.asarray(local_variances(scene0, frozen, grid))
         cov = np.diag(local_var[:, 0])
         pos_cov = np.full((2, 2), np.nan)
     return np.asarray(cov), np.asarray(local_var), np.asarray(pos_cov)
@@ -349,9 +326,7 @@ def fit(
     irls_from = None  # iteration at which Student-t reweighting started
     for it in range(1, max_iter + 1):
         if irls_from is not None:
-            stacks = _student_t_weights(scene, gaussian_stacks, grid, student_t)
-            obj, chi2 = objective_and_chi2(scene, stacks, grid, pa)
-            obj = float(obj)
+            stacks, obj, chi2 = _student_t_reweight(scene, gaussian_stacks, grid, pa, student_t)
         step, lvar, cg_it, cg_res = gauss_newton_step(scene, stacks, grid, pa, jnp.asarray(phase1_tol))
         cg_total += int(cg_it)
         _check_cg(cg_it, cg_res, phase1_tol)
@@ -398,11 +373,12 @@ def fit(
         # Phase 2: geometry frozen (the shifts baked into the epochs' reference pixels, the
         # position priors centred on the current positions and made rigid), the linear
         # parameters solved exactly in one step.
-        scene0, frozen, pa_frozen = _freeze_geometry(scene, stacks, pa)
-        step, _, cg_it, cg_res = gauss_newton_step(scene0, frozen, grid, pa_frozen, jnp.asarray(LINEAR_TOL))
-        cg_total += int(cg_it)
+        scene0, frozen, pa_frozen = freeze_geometry(scene, stacks, pa)
+        solved, cg_it, cg_res = linear_solution(scene0, frozen, grid, pa_frozen)
+        cg_total += cg_it
         _check_cg(cg_it, cg_res)
-        trial = jax.tree_util.tree_map(lambda a, d: a + d, scene, _keep_linear(step))
+        # the linear parameters from the frozen problem, the shifts kept as they were
+        trial = Scene(glob=solved.glob, local=tuple(s.at[:, 2:].set(l[:, 2:]) for s, l in zip(solved.local, scene.local)))
         new, trial_chi2 = objective_and_chi2(trial, stacks, grid, pa)
         new = float(new)
         log.debug("linear polish: objective %.6f -> %.6f (cg %d, res %.1e)", obj, new, int(cg_it), float(cg_res))
@@ -418,19 +394,14 @@ def fit(
         )
     cov_stacks = stacks
     if student_t is not None:
-        cov_stacks = _student_t_covariance_weights(scene, gaussian_stacks, grid, student_t)
-        chi2, n_out = _winsorized_chi2(scene, gaussian_stacks, grid)
-        log.info("Student-t fit: %d pixels beyond %g sigma", int(sum(int(jnp.sum(n)) for n in n_out)), OUTLIER_SIGMA)
+        cov_stacks, chi2, n_out = _student_t_final(scene, gaussian_stacks, grid, student_t)
+        log.info("Student-t fit: %d pixels beyond %g sigma", n_out, OUTLIER_SIGMA)
     cov, local_var, pos_cov = _uncertainties(method, scene, cov_stacks, grid, pa)
     if not np.all(np.isfinite(np.diag(cov))):
         raise FitError("the flux covariance is not finite: the problem is degenerate (check the inputs)")
     null = None
     if null_test:
-        null = reference_null_test(
-            scene, cov_stacks, grid, pa, epochs=ds.epochs, freeze=_freeze_geometry,
-            step_fn=lambda s, st, g, p: _keep_linear(gauss_newton_step(s, st, g, p, jnp.asarray(LINEAR_TOL))[0]),
-            covariance_fn=lambda s, st, g, p: flux_covariance(s, st, g, p)[0],
-        )
+        null = reference_null_test(scene, cov_stacks, grid, pa, ds.epochs)
     chi2 = [np.asarray(c) for c in chi2]  # of the final scene, from its last objective evaluation
     elapsed = time.perf_counter() - t0
     log.info("fit %s in %d iterations (%d Anderson-accelerated; %.1f s, %d CG iterations)", status, n_iter,

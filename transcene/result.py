@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import enum
 from pathlib import Path
@@ -181,9 +182,11 @@ class FitResult:
     def detection(self) -> dict:
         """Joint test of "no transient in any measured epoch", over all bands and per band
         (:func:`transcene.significance.detection_test`): ``{chi2, dof, p_value, sigma}``."""
-        ref = np.asarray(self.dataset.epochs["is_reference"], bool)
-        return detection_test(self._local()[:, 0], self.epoch_covariance(), np.asarray(self.dataset.epochs["band"]),
-                              ~ref)
+        if "detection" not in self._cache:  # an eigen-decomposition of the epoch covariance
+            ref = np.asarray(self.dataset.epochs["is_reference"], bool)
+            self._cache["detection"] = detection_test(self._local()[:, 0], self.epoch_covariance(),
+                                                      np.asarray(self.dataset.epochs["band"]), ~ref)
+        return copy.deepcopy(self._cache["detection"])
 
     def transient_pixel(self, index: int) -> tuple[float, float]:
         """Fitted transient position (0-based x, y) in the fitted cutout of epoch ``index``

@@ -20,10 +20,11 @@ from __future__ import annotations
 import logging
 
 import equinox as eqx
-import jax
 import jax.numpy as jnp
 import numpy as np
 from scipy import stats
+
+from .solve import flux_covariance, freeze_geometry, linear_solution
 
 __all__ = ["chi2_test", "detection_test", "reference_null_test"]
 
@@ -52,62 +53,60 @@ def detection_test(flux: np.ndarray, cov: np.ndarray, bands: np.ndarray, measure
     """Joint test of "no transient" over the ``measured`` epochs: all bands and each band."""
     measured = np.asarray(measured, bool)
     out = {"all": chi2_test(flux[measured], cov[np.ix_(measured, measured)])}
-    for b in dict.fromkeys(np.asarray(bands).astype(str).tolist()):
-        sel = measured & (np.asarray(bands).astype(str) == b)
+    bands = np.array([str(b) for b in bands], dtype=object)  # plain str keys for the metadata
+    for b in dict.fromkeys(bands):
+        sel = measured & (bands == b)
         out[b] = chi2_test(flux[sel], cov[np.ix_(sel, sel)])
     return out
 
 
-def reference_null_test(scene, stacks, grid, pa, *, epochs, freeze, step_fn, covariance_fn) -> dict:
+def reference_null_test(scene, stacks, grid, pa, epochs) -> dict:
     """Refit the reference epochs' fluxes (all but one anchor per band) with the geometry fixed,
     and test them against zero per band.
 
     ``epochs``: the dataset's epoch table (columns band, stack, slot, is_reference,
-    exposure_id). ``freeze``, ``step_fn``, ``covariance_fn``: the fit's geometry freezing, exact
-    linear step and flux covariance (passed in so this module does not depend on the fit's
-    internals). Returns ``{band: {chi2, dof, p_value, sigma, n_references, anchor,
+    exposure_id). Returns ``{band: {chi2, dof, p_value, sigma, n_references, anchor,
     worst_exposure, worst_z}}``; bands with fewer than two references have ``dof = 0``.
     """
-    scene0, frozen, pa_frozen = freeze(scene, stacks, pa)
     offs = np.cumsum([0] + [st.n_epochs for st in stacks])
     ref = np.asarray(epochs["is_reference"], bool)
-    bands = np.asarray(np.asarray(epochs["band"]).astype(str).tolist(), dtype=object)  # plain str keys
+    bands = np.array([str(b) for b in epochs["band"]], dtype=object)  # plain str keys for the metadata
     slot = offs[np.asarray(epochs["stack"])] + np.asarray(epochs["slot"])
-    free_add = np.zeros(offs[-1])
-    anchors: dict[str, int] = {}
+    tested: dict[str, tuple[int, list[int]]] = {}  # band -> (anchor row, rows of the freed references)
     for b in dict.fromkeys(bands[ref]):
         rows = np.flatnonzero(ref & (bands == b))
         # the anchor: the deepest reference (largest total weight in the fitted region)
         depth = [float(np.sum(np.asarray(stacks[int(epochs["stack"][r])].weight[int(epochs["slot"][r])])))
                  for r in rows]
-        anchors[b] = int(rows[int(np.argmax(depth))])
-        for r in rows:
-            if r != anchors[b]:
-                free_add[slot[r]] = 1.0
+        anchor = int(rows[int(np.argmax(depth))])
+        tested[b] = (anchor, [int(r) for r in rows if r != anchor])
+    freed_rows = [r for _, rows in tested.values() for r in rows]
+    flux = cov = None
+    if freed_rows:
+        scene0, frozen, pa_frozen = freeze_geometry(scene, stacks, pa)
+        free_add = np.zeros(offs[-1])
+        free_add[slot[freed_rows]] = 1.0
+        freed = tuple(
+            eqx.tree_at(lambda s: s.free_flux, st, jnp.clip(st.free_flux + jnp.asarray(free_add[offs[i]:offs[i + 1]]), 0, 1))
+            for i, st in enumerate(frozen)
+        )
+        solved, _, _ = linear_solution(scene0, freed, grid, pa_frozen)
+        cov = np.asarray(flux_covariance(solved, freed, grid, pa_frozen)[0])
+        flux = np.concatenate([np.asarray(loc[:, 0]) for loc in solved.local])
     out: dict[str, dict] = {}
-    if not np.any(free_add):
-        for b in dict.fromkeys(bands[ref]):
-            out[b] = _null_entry(chi2_test(np.zeros(0), np.zeros((0, 0))), int(np.sum(ref & (bands == b))),
-                                 epochs, anchors[b], None, None)
-        return out
-    freed = tuple(
-        eqx.tree_at(lambda s: s.free_flux, st, jnp.clip(st.free_flux + jnp.asarray(free_add[offs[i]:offs[i + 1]]), 0, 1))
-        for i, st in enumerate(stacks)
-    )
-    step = step_fn(scene0, freed, grid, pa_frozen)
-    scene1 = jax.tree_util.tree_map(lambda a, d: a + d, scene0, step)
-    cov = np.asarray(covariance_fn(scene1, freed, grid, pa_frozen))
-    flux = np.concatenate([np.asarray(loc[:, 0]) for loc in scene1.local])
-    for b in dict.fromkeys(bands[ref]):
-        rows = [r for r in np.flatnonzero(ref & (bands == b)) if r != anchors[b]]
+    for b, (anchor, rows) in tested.items():
         idx = slot[rows]
-        f = flux[idx]
-        c = cov[np.ix_(idx, idx)]
+        f = flux[idx] if rows else np.zeros(0)
+        c = cov[np.ix_(idx, idx)] if rows else np.zeros((0, 0))
         res = chi2_test(f, c)
-        z = f / np.sqrt(np.clip(np.diag(c), 1e-300, None)) if len(rows) else np.zeros(0)
-        worst = int(np.argmax(np.abs(z))) if len(rows) else None
-        out[b] = _null_entry(res, int(np.sum(ref & (bands == b))), epochs, anchors[b],
-                             rows[worst] if worst is not None else None, float(z[worst]) if worst is not None else None)
+        z = f / np.sqrt(np.clip(np.diag(c), 1e-300, None))
+        worst = int(np.argmax(np.abs(z))) if rows else None
+        out[b] = res | {
+            "n_references": len(rows) + 1,
+            "anchor": str(epochs["exposure_id"][anchor]),
+            "worst_exposure": str(epochs["exposure_id"][rows[worst]]) if rows else "",
+            "worst_z": float(z[worst]) if rows else float("nan"),
+        }
         if res["dof"] and res["p_value"] < 1e-3:
             log.warning(
                 "reference epochs in band %s are not consistent with no transient (chi2 %.1f for %d dof, p = %.1e); "
@@ -115,12 +114,3 @@ def reference_null_test(scene, stacks, grid, pa, *, epochs, freeze, step_fn, cov
                 out[b]["worst_exposure"], out[b]["worst_z"], out[b]["anchor"],
             )
     return out
-
-
-def _null_entry(res: dict, n_ref: int, epochs, anchor: int, worst: int | None, worst_z: float | None) -> dict:
-    return res | {
-        "n_references": n_ref,
-        "anchor": str(epochs["exposure_id"][anchor]),
-        "worst_exposure": str(epochs["exposure_id"][worst]) if worst is not None else "",
-        "worst_z": worst_z if worst_z is not None else float("nan"),
-    }

@@ -25,13 +25,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from .dataset import Dataset, EpochStack, ModelGrid
+from .dataset import PINNED, Dataset, EpochStack, ModelGrid
 from .host import PixelHost, SersicHost, host_prior_spectrum
 from .render import batched
 from .scene import Scene, SceneGlobal, host_spectrum, local_jacobian, render_epoch, render_stack
 
 __all__ = ["Priors", "objective", "gauss_newton_step", "flux_covariance", "local_variances", "PriorArrays",
-           "prior_arrays"]
+           "prior_arrays", "posterior_energy", "freeze_geometry", "keep_linear", "linear_solution",
+           "standardized_residuals"]
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +164,44 @@ def objective_and_chi2(scene: Scene, stacks, grid: ModelGrid, pa: PriorArrays):
 
 
 @eqx.filter_jit
+def posterior_energy(scene: Scene, stacks, grid: ModelGrid, pa: PriorArrays, chi2: tuple[jax.Array, ...]):
+    """``objective`` from per-epoch chi^2 already computed (e.g. under reweighted pixels)."""
+    return _posterior_energy(scene, stacks, grid, pa, chi2)
+
+
+def freeze_geometry(scene: Scene, stacks, pa: PriorArrays):
+    """The same problem with the geometry fixed at ``scene``: the shifts baked into the epochs'
+    reference pixels (and pinned at zero), the position priors centred on the current positions
+    and made rigid. Returns ``(scene with zero shifts, stacks, prior arrays)``."""
+    frozen = tuple(
+        eqx.tree_at(lambda s: (s.p0, s.shift_prec), st,
+                    (st.p0 + jnp.einsum("eij,ej->ei", st.amat, loc[:, 2:]), jnp.full_like(st.shift_prec, PINNED)))
+        for st, loc in zip(stacks, scene.local)
+    )
+    scene0 = Scene(glob=scene.glob, local=tuple(loc.at[:, 2:].set(0.0) for loc in scene.local))
+    pa_frozen = eqx.tree_at(
+        lambda p: (p.position_prec, p.position_centre, p.star_prec, p.star_centre), pa,
+        (jnp.asarray(PINNED), scene.glob.position, jnp.asarray(PINNED), scene.glob.star_position),
+    )
+    return scene0, frozen, pa_frozen
+
+
+def keep_linear(step: Scene) -> Scene:
+    """Zero the (numerically tiny, pinned) non-linear entries of a step: positions and shifts."""
+    glob = eqx.tree_at(lambda g: (g.position, g.star_position), step.glob,
+                       (jnp.zeros_like(step.glob.position), jnp.zeros_like(step.glob.star_position)))
+    local = tuple(loc.at[:, 2:].set(0.0) for loc in step.local)
+    return Scene(glob=glob, local=local)
+
+
+def linear_solution(scene: Scene, stacks, grid: ModelGrid, pa: PriorArrays) -> tuple[Scene, int, float]:
+    """With the geometry fixed (``freeze_geometry``) the problem is linear: one exact
+    Gauss-Newton step (CG to ``LINEAR_TOL``) solves it. Returns (solution, CG iterations, residual)."""
+    step, _, cg_it, cg_res = gauss_newton_step(scene, stacks, grid, pa, jnp.asarray(LINEAR_TOL))
+    return jax.tree_util.tree_map(lambda a, d: a + d, scene, keep_linear(step)), int(cg_it), float(cg_res)
+
+
+@eqx.filter_jit
 def standardized_residuals(scene: Scene, stacks: tuple[EpochStack, ...], grid: ModelGrid) -> tuple[jax.Array, ...]:
     """``sqrt(weight) * (data - model)`` per stack (0 where masked)."""
     return tuple(jnp.sqrt(st.weight) * (st.data - render_stack(scene.glob, loc, st, grid))
@@ -221,10 +260,9 @@ def _local_blocks(loc, st: EpochStack, glob: SceneGlobal, grid: ModelGrid):
 
 
 @eqx.filter_jit
-def local_variances(scene: Scene, stacks, grid: ModelGrid, pa: PriorArrays) -> jax.Array:
+def local_variances(scene: Scene, stacks, grid: ModelGrid) -> jax.Array:
     """Variances ``[E, 4]`` of each epoch's ``[flux, sky, shift]`` conditional on the global
     parameters (host, positions) at ``scene``; stacks concatenated, padded slots included."""
-    del pa  # the local priors live in the stacks
     return jnp.concatenate([jax.vmap(jnp.diag)(_local_blocks(loc, st, scene.glob, grid)["ninv"])
                             for loc, st in zip(scene.local, stacks)], axis=0)
 
