@@ -39,3 +39,39 @@ def fitted_three_bands(tmp_path_factory) -> Fitted:
     out = tmp_path_factory.mktemp("result3")
     write_outputs(result, lightcurve=out / "lightcurve.ecsv", scene_dir=out / "scene")
     return Fitted(result, truth, out, tuple(str(w.message) for w in rec))
+
+
+@pytest.fixture
+def archive_server():
+    """A started :class:`tests.archive_server.ArchiveServer` on loopback (stopped afterwards)."""
+    from archive_server import ArchiveServer
+
+    with ArchiveServer() as server:
+        yield server
+
+
+@pytest.fixture
+def survey_env(tmp_path, monkeypatch):
+    """An isolated environment for adapter tests: the cache under tmp_path, no user config file,
+    and no TRANSCENE_* URL or credential variables from the caller's shell."""
+    import os
+
+    for var in list(os.environ):
+        if var.startswith("TRANSCENE_") and var != "TRANSCENE_SURVEYS_DIR":
+            monkeypatch.delenv(var)
+    monkeypatch.setenv("TRANSCENE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("TRANSCENE_CONFIG", str(tmp_path / "no-config.toml"))
+    return tmp_path
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked remote_data talk to the real archives: skipped unless TRANSCENE_REMOTE_TESTS=1
+    (CI and our machines reach no survey)."""
+    import os
+
+    if os.environ.get("TRANSCENE_REMOTE_TESTS") == "1":
+        return
+    skip = pytest.mark.skip(reason="talks to a real survey archive; set TRANSCENE_REMOTE_TESTS=1 to run")
+    for item in items:
+        if "remote_data" in item.keywords:
+            item.add_marker(skip)

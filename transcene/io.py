@@ -59,13 +59,13 @@ def read_epoch(path: PathLike) -> Epoch:
     """
     path = Path(path)
     try:
-        with fits.open(path, memmap=False) as hdul:
+        with open(path, "rb") as fh, fits.open(fh, memmap=False) as hdul:  # own handle: astropy leaks it on a truncated header
             return _read_hdul(path, hdul)
     except EpochFileError:
         raise
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, fits.VerifyError) as exc:
         # astropy raises these for missing, empty, truncated or non-FITS files.
-        raise EpochFileError(path, f"cannot read as FITS: {exc}") from exc
+        raise EpochFileError(path, f"cannot read as FITS: {' '.join(str(exc).split())}") from exc
 
 
 def read_epochs(
