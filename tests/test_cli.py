@@ -146,3 +146,90 @@ def test_every_command_has_help_with_an_example(command):
     res = runner.invoke(app, [*command, "--help"])
     assert res.exit_code == 0, res.output
     assert "Example: transcene" in res.output
+
+
+# -- transcene lightcurve / fetch / surveys with the local-directory adapter -------------------
+
+@pytest.fixture
+def sim_dir_with_broken_file(small_sim, tmp_path, monkeypatch):
+    import shutil
+
+    for var in ("TRANSCENE_FITS_URL", "TRANSCENE_CONFIG"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("TRANSCENE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("TRANSCENE_CONFIG", str(tmp_path / "none.toml"))
+    d = tmp_path / "epochs"
+    shutil.copytree(small_sim, d)
+    (d / "broken.fits").write_bytes(b"SIMPLE  =                    T" + b" " * 50)  # truncated header
+    return d
+
+
+def test_lightcurve_reproduces_fit_and_flags_the_unreadable_epoch(fitted, sim_dir_with_broken_file, tmp_path):
+    out, truth, _ = fitted
+    res = runner.invoke(app, ["lightcurve", str(truth.meta["transient_ra"]), str(truth.meta["transient_dec"]),
+                              "--survey", "fits", "--dir", str(sim_dir_with_broken_file), "-o", str(tmp_path / "lc.ecsv"),
+                              "--shift-prior", "0.1"])
+    assert res.exit_code == 0, res.output
+    assert "1 failed" in res.output and "broken" in res.output and "FETCH_FAILED" in res.output
+    lc, ref = Table.read(tmp_path / "lc.ecsv"), Table.read(out / "lc.ecsv")
+    bad = lc[lc["exposure_id"] == "broken"]
+    assert len(bad) == 1 and bad["flags"][0] == 64 and np.ma.is_masked(bad["flux"][0])
+    assert any(s.startswith("fits broken:") and "FITS" in s for s in lc.meta["fetch_failures"])
+    good = lc[lc["flags"] != 64]
+    good.sort("exposure_id")
+    ref.sort("exposure_id")
+    assert list(good["exposure_id"]) == list(ref["exposure_id"])
+    # the same epochs through the adapter give the same fit as `transcene fit` on the files
+    np.testing.assert_allclose(good["flux"], ref["flux"], rtol=1e-6, atol=1e-6 * np.max(ref["flux_err"]))
+    np.testing.assert_allclose(good["flux_err"], ref["flux_err"], rtol=1e-6)
+
+
+def test_fetch_writes_epoch_files_then_serves_them_from_the_cache(sim_dir_with_broken_file, small_sim, tmp_path):
+    truth = Table.read(small_sim / "truth.ecsv")
+    args = ["fetch", str(truth.meta["transient_ra"]), str(truth.meta["transient_dec"]), "--survey", "fits",
+            "--dir", str(sim_dir_with_broken_file), "--size", "11"]
+    first = runner.invoke(app, [*args, "-o", str(tmp_path / "a")])
+    assert first.exit_code == 0, first.output
+    assert "7 downloaded, 0 from the cache, 1 failed" in first.output
+    files = sorted((tmp_path / "a").glob("*.fits"))
+    assert len(files) == 7
+    from transcene.io import read_epoch
+
+    ep = read_epoch(files[0])
+    assert ep.shape == (11, 11)  # cut to --size around the target
+    x, y = ep.wcs.world_to_pixel_values(float(truth.meta["transient_ra"]), float(truth.meta["transient_dec"]))
+    assert abs(x - 5) <= 0.5 and abs(y - 5) <= 0.5
+    fails = Table.read(tmp_path / "a" / "fetch_failures.ecsv")
+    assert list(fails["exposure_id"]) == ["broken"] and fails["error"][0] == "EpochFileError"
+    second = runner.invoke(app, [*args, "-o", str(tmp_path / "b")])
+    assert "0 downloaded, 7 from the cache, 1 failed" in second.output
+    third = runner.invoke(app, [*args, "-o", str(tmp_path / "c"), "--refresh", "--bands", "g"])
+    assert third.exit_code == EXIT_BAD_INPUT and "0 epochs found" in third.output  # the simulation is r only
+
+
+def test_negative_declination_needs_no_quoting(sim_dir_with_broken_file, tmp_path):
+    res = runner.invoke(app, ["fetch", "150.1", "-2.2", "--survey", "fits", "--dir", str(sim_dir_with_broken_file),
+                              "-o", str(tmp_path / "x")])
+    assert "No such option" not in res.output and res.exit_code == EXIT_BAD_INPUT
+    # only the unreadable file is "found": the simulated epochs, at Dec +2.2, do not contain Dec -2.2
+    assert "1 epochs found" in res.output and "no epoch could be fetched" in res.output
+
+
+def test_surveys_lists_every_descriptor_with_its_override():
+    from transcene.surveys import load_descriptors
+
+    res = runner.invoke(app, ["surveys", "-v"], env={"TRANSCENE_PS1_URL": "http://127.0.0.1:1"})
+    assert res.exit_code == 0, res.output
+    for name in load_descriptors():
+        assert name in res.output
+    assert "http://127.0.0.1:1" in res.output and "TRANSCENE_ZTF_URL" in res.output
+
+
+def test_unknown_survey_and_bad_options_are_clear_errors(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRANSCENE_CACHE_DIR", str(tmp_path))
+    res = runner.invoke(app, ["lightcurve", "150", "2", "--survey", "nonesuch", "-o", str(tmp_path / "lc.ecsv")])
+    assert res.exit_code == EXIT_BAD_INPUT and "unknown survey 'nonesuch'" in res.output
+    res = runner.invoke(app, ["fetch", "150", "2", "--survey", "fits", "--start", "60000", "--end", "59000"])
+    assert res.exit_code == EXIT_BAD_INPUT and "--end (59000.0) is before --start" in res.output
+    res = runner.invoke(app, ["fetch", "150", "2", "--survey", "fits", "--dir", str(tmp_path / "nope")])
+    assert res.exit_code == EXIT_BAD_INPUT and "no such directory" in res.output

@@ -263,6 +263,234 @@ def plot_cmd(
         _fail(exc, verbose)
 
 
+class _FetchDisplay:
+    """Rich progress on stderr for fetching: one bar per survey with downloaded/cached/failed
+    counts; silent when quiet or when stderr is not a terminal (logs still say what happened)."""
+
+    def __init__(self, quiet: bool):
+        self.enabled = not quiet and err.is_terminal
+        self.tasks: dict[str, int] = {}
+        self.counts: dict[str, dict[str, int]] = {}
+        self._progress = None
+
+    def __enter__(self):
+        if self.enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                      TextColumn("{task.fields[counts]}"), TimeElapsedColumn(), console=err)
+            self._progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self._progress is not None:
+            self._progress.__exit__(*exc)
+        return False
+
+    def __call__(self, ev) -> None:
+        if self._progress is None:
+            return
+        p = self._progress
+        if ev.stage == "query":
+            self.counts[ev.survey] = {"downloaded": 0, "cached": 0, "failed": 0}
+            self.tasks[ev.survey] = p.add_task(f"{ev.survey}: querying", total=None, counts="")
+        elif ev.stage == "found" and ev.survey in self.tasks:
+            desc = f"{ev.survey}: {ev.total} epochs" if ev.status != "failed" else f"{ev.survey}: [red]query failed[/red]"
+            p.update(self.tasks[ev.survey], description=desc, total=max(ev.total, 1),
+                     completed=0 if ev.total else 1)
+        elif ev.stage == "epoch" and ev.survey in self.tasks:
+            c = self.counts[ev.survey]
+            c[ev.status] = c.get(ev.status, 0) + 1
+            text = f"{c['downloaded']} downloaded, {c['cached']} cached" + (
+                f", [red]{c['failed']} failed[/red]" if c["failed"] else "")
+            p.update(self.tasks[ev.survey], completed=ev.done, counts=text)
+
+
+def _survey_options(survey, bands, start, end, size, directory):
+    surveys = [s.strip() for item in (survey or ["ztf"]) for s in item.split(",") if s.strip()]
+    band_list = [b.strip() for b in bands.split(",") if b.strip()] if bands else None
+    if size is not None and size < 5:
+        raise ValueError(f"--size must be at least 5 pixels, got {size}")
+    if start is not None and end is not None and end < start:
+        raise ValueError(f"--end ({end}) is before --start ({start})")
+    if directory is not None and not directory.is_dir():
+        raise FileNotFoundError(f"--dir {directory}: no such directory")
+    return surveys, band_list
+
+
+def _print_failures(report, quiet: bool) -> None:
+    if quiet:
+        return
+    epoch_failures = [f for f in report.failures if f.exposure_id]
+    for f in report.failures[:10]:
+        err.print(f"  [red]failed[/red] {escape(f.survey)} {escape(f.exposure_id or '(query)')}: {escape(f.reason)}")
+    if len(report.failures) > 10:
+        err.print(f"  ... and {len(report.failures) - 10} more (all listed in the table's metadata)")
+    if epoch_failures:
+        err.print(f"  {len(epoch_failures)} epoch(s) could not be fetched: rows flagged FETCH_FAILED (64)")
+
+
+_COORD_HELP = "RA and Dec: degrees (10.68 41.27) or sexagesimal (00:42:44.3 +41:16:09); a negative Dec needs no quoting."
+
+
+@app.command("lightcurve", context_settings={"ignore_unknown_options": True})
+def lightcurve_cmd(
+    ra: str = typer.Argument(..., help="Target RA (degrees or hh:mm:ss)."),
+    dec: str = typer.Argument(..., help="Target Dec (degrees or dd:mm:ss)."),
+    survey: Optional[List[str]] = typer.Option(None, "--survey", "-s", help="Survey adapter (repeat or comma-separate; "
+                                               "default ztf). See: transcene surveys."),
+    start: Optional[float] = typer.Option(None, help="Earliest MJD of science epochs (references are always used)."),
+    end: Optional[float] = typer.Option(None, help="Latest MJD of science epochs."),
+    bands: Optional[str] = typer.Option(None, help="Comma-separated bands: one letter (g,r) or full names (ztfg,decam_r)."),
+    size: Optional[int] = typer.Option(None, help="Cutout side in pixels (default: the survey's)."),
+    zero_before: Optional[float] = typer.Option(None, help="MJD: epochs before it are transient-free."),
+    method: str = typer.Option("laplace", help="Flux errors: laplace, linear or map (see transcene fit --help)."),
+    output: Path = typer.Option(Path("lightcurve.ecsv"), "-o", "--output", help="Light curve (.ecsv, .csv, .parquet)."),
+    plot: Optional[Path] = typer.Option(None, help="Light-curve plot (PNG/PDF); the other plots go next to it."),
+    scene_out: Optional[Path] = typer.Option(None, help="Directory for host FITS, parameters and epoch images."),
+    refresh: bool = typer.Option(False, help="Ignore the cache: query and download everything again."),
+    directory: Optional[Path] = typer.Option(None, "--dir", help="Local directory for adapters that read files "
+                                             "(ztf-alerts: Avro packets; fits: FITS images)."),
+    host: str = typer.Option("pixel", help="Host model: pixel (non-parametric) or sersic."),
+    fit_radius: Optional[float] = typer.Option(None, help="Half-side of the fitted region, arcsec."),
+    shift_prior: Optional[float] = typer.Option(None, help="Prior width of each epoch's astrometric shift, arcsec "
+                                                "(default: the surveys' astrometric precision)."),
+    max_iter: int = typer.Option(50, help="Gauss-Newton iterations before the fit is declared not converged."),
+    student_t: Optional[float] = typer.Option(None, help="Student-t pixel likelihood with this many degrees of freedom."),
+    verbose: bool = typer.Option(False, "-v", "--verbose", help="Debug logging and tracebacks."),
+    quiet: bool = typer.Option(False, "-q", "--quiet", help="Only warnings and errors."),
+) -> None:
+    """Fetch every epoch covering RA DEC from the surveys, fit the scene, write the light curve.
+
+    Example: transcene lightcurve 328.2546 -5.3617 --survey ztf --bands g,r --zero-before 59350 -o lc.ecsv --plot lc.png
+    """
+    _setup(verbose, quiet)
+    code = EXIT_ERROR
+    try:
+        from .api import lightcurve
+        from .fit import METHODS
+        from .geometry import parse_coord
+
+        if method not in METHODS:
+            raise ValueError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
+        if host not in ("pixel", "sersic"):
+            raise ValueError(f"--host must be 'pixel' or 'sersic', got {host!r}")
+        surveys, band_list = _survey_options(survey, bands, start, end, size, directory)
+        coord = parse_coord(ra, dec)
+        with _FetchDisplay(quiet) as display:
+            run = lightcurve(coord, surveys=surveys, bands=band_list, start=start, end=end, size_pix=size,
+                             refresh=refresh, local_dir=directory, zero_before=zero_before, host=host,
+                             fit_radius=fit_radius, shift_prior=shift_prior, fetch_progress=display,
+                             progress=_progress(quiet), method=method, max_iter=max_iter, student_t=student_t)
+        from .api import write_outputs
+
+        result, report = run.result, run.report
+        if not quiet:
+            err.print(f"fetch: {report.summary()}")
+        _print_failures(report, quiet)
+        out = write_outputs(result, lightcurve=output, scene_dir=scene_out, plot=plot, fetch_report=report)
+        if not quiet:
+            lc = result.lightcurve()
+            err.print(f"fit [bold]{result.status}[/bold] in {result.n_iter} iterations ({result.elapsed:.1f} s, "
+                      f"errors: {result.method}): {len(lc)} epochs ({int(sum(lc['is_reference']))} transient-free), "
+                      f"bands {', '.join(result.dataset.bands)}")
+            for k, v in out.items():
+                err.print(f"  {k}: {v}")
+        code = EXIT_OK if result.converged else EXIT_NOT_CONVERGED
+    except typer.Exit:
+        raise
+    except Exception as exc:  # noqa: BLE001 - mapped to an exit code with a clear message
+        _fail(exc, verbose)
+    raise typer.Exit(code)
+
+
+@app.command("fetch", context_settings={"ignore_unknown_options": True})
+def fetch_cmd(
+    ra: str = typer.Argument(..., help="Target RA (degrees or hh:mm:ss)."),
+    dec: str = typer.Argument(..., help="Target Dec (degrees or dd:mm:ss)."),
+    survey: Optional[List[str]] = typer.Option(None, "--survey", "-s", help="Survey adapter (repeat or comma-separate; default ztf)."),
+    start: Optional[float] = typer.Option(None, help="Earliest MJD of science epochs (references are always kept)."),
+    end: Optional[float] = typer.Option(None, help="Latest MJD of science epochs."),
+    bands: Optional[str] = typer.Option(None, help="Comma-separated bands (g,r or full names)."),
+    size: Optional[int] = typer.Option(None, help="Cutout side in pixels (default: the survey's)."),
+    output: Path = typer.Option(Path("epochs"), "-o", "--output", help="Directory for the epoch files."),
+    refresh: bool = typer.Option(False, help="Ignore the cache: query and download everything again."),
+    directory: Optional[Path] = typer.Option(None, "--dir", help="Local directory for adapters that read files."),
+    verbose: bool = typer.Option(False, "-v", "--verbose", help="Debug logging and tracebacks."),
+    quiet: bool = typer.Option(False, "-q", "--quiet", help="Only warnings and errors."),
+) -> None:
+    """Download the epochs covering RA DEC and write them as epoch files (no fit); a table of the
+    epochs that failed goes next to them (fetch_failures.ecsv).
+
+    Example: transcene fetch 328.2546 -5.3617 --survey ztf -o epochs/ && transcene fit epochs/ --ra 328.2546 --dec -5.3617
+    """
+    _setup(verbose, quiet)
+    code = EXIT_ERROR
+    try:
+        from .geometry import parse_coord
+        from .surveys import fetch_epochs
+
+        surveys, band_list = _survey_options(survey, bands, start, end, size, directory)
+        coord = parse_coord(ra, dec)
+        with _FetchDisplay(quiet) as display:
+            report = fetch_epochs(coord, surveys=surveys, bands=band_list, start=start, end=end, size_pix=size,
+                                  refresh=refresh, local_dir=directory, out_dir=output, progress=display)
+        if report.failures:
+            from .result import write_table
+
+            write_table(report.failure_table(), output / "fetch_failures.ecsv")
+        if not quiet:
+            err.print(f"fetch: {report.summary()}")
+            err.print(f"  {len(report.paths)} epoch files in {output}/")
+        _print_failures(report, quiet)
+        code = EXIT_OK if report.epochs else EXIT_BAD_INPUT
+        if not report.epochs:
+            err.print("[red]error:[/red] no epoch could be fetched")
+    except typer.Exit:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        _fail(exc, verbose)
+    raise typer.Exit(code)
+
+
+@app.command("surveys")
+def surveys_cmd(
+    verbose: bool = typer.Option(False, "-v", "--verbose", help="Also print each survey's notes."),
+) -> None:
+    """List the survey adapters: bands, pixel scale, credentials and the URL they would use.
+
+    Example: TRANSCENE_ZTF_URL=http://localhost:8000 transcene surveys
+    """
+    _setup(False, True)
+    try:
+        from rich.table import Table as RichTable
+
+        from .surveys import load_descriptors
+        from .surveys.config import load_config
+        from .surveys.descriptor import env_name
+
+        config = load_config()
+        table = RichTable(title="transcene survey adapters")
+        for col in ("name", "bands", "pixel", "credentials", "URL"):
+            table.add_column(col, overflow="fold")
+        descs = load_descriptors()
+        for name, d in sorted(descs.items()):
+            table.add_row(name, " ".join(d.bands), f'{d.pixel_scale_arcsec:g}"', d.needs_credentials,
+                          d.url(config) or "(local files)")
+        out = Console()
+        out.print(table)
+        out.print("Override a URL with TRANSCENE_<NAME>_URL (e.g. " + env_name("ztf", "url") + ") or \\[surveys.<name>] url "
+                  "in the config file; credentials: TRANSCENE_<NAME>_TOKEN / _USER / _PASSWORD. More: transcene surveys -v")
+        for name, d in sorted(descs.items()):
+            if verbose:
+                out.print(f"\n[bold]{name}[/bold]: {d.title} ({d.path})\n  default cutout {d.default_size_pix} px; "
+                          f"zero point: {d.zero_point}\n  time: {d.time}\n  astrometric precision: "
+                          f"{d.astrometric_precision_arcsec} arcsec; credentials: {', '.join(d.credentials) or 'none'}\n"
+                          f"{d.notes.strip()}")
+    except Exception as exc:  # noqa: BLE001
+        _fail(exc, False)
+
+
 def main() -> None:
     app()
 

@@ -42,6 +42,7 @@ class Flag(enum.IntFlag):
     HIGH_CHI2 = 8  # the epoch's residual chi2/dof > 2: the model does not describe it
     MASKED_AT_TRANSIENT = 16  # fewer than half the pixels within 1 FWHM of the transient usable
     LOW_SNR = 32  # snr < 3: mag and mag_err left empty, use mag_lim
+    FETCH_FAILED = 64  # the epoch was found in a survey but could not be downloaded or read: no flux
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
