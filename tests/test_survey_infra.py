@@ -336,3 +336,20 @@ def test_a_survey_that_cannot_be_queried_is_reported_not_raised(archive_server, 
     assert [f.survey for f in rep.failures] == ["toy", "nonesuch"]
     assert "unknown survey 'nonesuch'" in rep.failures[1].reason
     assert rep.epochs == [] and events[-1].stage == "done" and math.isnan(rep.failures[0].mjd)
+
+
+def test_html_metadata_and_invalid_answers_are_not_cached(archive_server, tmp_path):
+    archive_server.route("/q", lambda r: html_error(200))
+    cache, client = Cache(tmp_path), HttpClient(policy=FAST)
+    with pytest.raises(ProductError, match="HTML"):
+        cache.metadata(client, "toy", archive_server.url + "/q")
+    archive_server.route("/q", lambda r: Reply(200, b"col_a col_b\n"))
+
+    def needs_c(content: bytes):
+        if b"col_c" not in content:
+            raise ProductError("toy search", "column col_c missing")
+    with pytest.raises(ProductError, match="col_c"):
+        cache.metadata(client, "toy", archive_server.url + "/q", validate=needs_c)
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
+    with pytest.raises(ValueError, match="attempts >= 1"):
+        RetryPolicy(attempts=0)

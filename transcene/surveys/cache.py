@@ -54,10 +54,12 @@ def cache_key(survey: str, url: str, params: Mapping[str, Any] | None = None) ->
 def verify_bytes(content: bytes, kind: Kind, what: str) -> None:
     """Raise :class:`ProductError` unless ``content`` opens as ``kind``."""
     if not content:
+        if kind == "text":
+            return  # an empty search answer can mean "no rows"; the adapter decides
         raise ProductError(what, "empty response")
     head = content[:512].lstrip().lower()
-    if kind in ("fits", "avro", "tar") and (head.startswith(b"<!doctype html") or head.startswith(b"<html")
-                                            or head.startswith(b"<?xml")):
+    html = head.startswith(b"<!doctype html") or head.startswith(b"<html")
+    if (kind in ("fits", "avro", "tar") and (html or head.startswith(b"<?xml"))) or (kind in ("text", "json") and html):
         snippet = content[:200].decode("utf-8", "replace").replace("\n", " ")
         raise ProductError(what, f"expected {kind.upper()}, got an HTML/XML page: {snippet!r}")
     try:
@@ -122,13 +124,17 @@ class Cache:
 
     # -- reads with download -----------------------------------------------------------------
     def product(self, client, survey: str, url: str, params: Mapping[str, Any] | None = None, *,
-                kind: Kind = "fits", ext: str | None = None, what: str | None = None) -> tuple[Path, bool]:
+                kind: Kind = "fits", ext: str | None = None, what: str | None = None,
+                key_extra: Mapping[str, Any] | None = None) -> tuple[Path, bool]:
         """Path of the product at ``url``+``params``, downloading it if needed.
+
+        ``key_extra`` enters the cache key but not the request: a version the URL does not
+        show (e.g. the build number of a reference image rebuilt under the same path).
 
         Returns ``(path, from_cache)``. Raises :class:`~transcene.surveys.http.DownloadError` or
         :class:`ProductError`; neither leaves anything in the cache.
         """
-        key = cache_key(survey, url, params)
+        key = cache_key(survey, url, {**(params or {}), **{f"__key_{k}": v for k, v in (key_extra or {}).items()}})
         path = self.product_path(survey, key, ext or kind)
         if path.exists() and not self.refresh:
             self.hits += 1
@@ -140,8 +146,13 @@ class Cache:
 
     def metadata(self, client, survey: str, url: str, params: Mapping[str, Any] | None = None, *,
                  kind: Kind = "text", what: str | None = None, method: str = "GET",
-                 data: Any = None, json_body: Any = None) -> bytes:
-        """Bytes of a metadata answer, reused for at most ``metadata_ttl_s`` seconds."""
+                 data: Any = None, json_body: Any = None,
+                 validate: Callable[[bytes], None] | None = None) -> bytes:
+        """Bytes of a metadata answer, reused for at most ``metadata_ttl_s`` seconds.
+
+        ``validate(content)`` may raise to keep an answer out of the cache (e.g. a table that
+        lacks a column); an HTML page is never accepted for ``kind`` text or json.
+        """
         key = cache_key(survey, url, {**(params or {}), "__body__": json.dumps([data, json_body], default=str)})
         path = self.root / "metadata" / survey / f"{key}.bin"
         if not self.refresh and path.exists() and self._clock() - path.stat().st_mtime < self.metadata_ttl_s:
@@ -149,5 +160,7 @@ class Cache:
             return path.read_bytes()
         self.misses += 1
         resp = client.get(url, params, method=method, data=data, json=json_body)
+        if validate is not None:
+            validate(resp.content)
         self.write_atomic(path, resp.content, kind, what or resp.url)
         return resp.content

@@ -45,6 +45,11 @@ class RetryPolicy:
     budget_s: float = 120.0
     timeout_s: float = 60.0
 
+    def __post_init__(self):
+        if self.attempts < 1 or self.budget_s <= 0 or self.timeout_s <= 0 or self.backoff_s < 0:
+            raise ValueError(f"RetryPolicy needs attempts >= 1, budget_s > 0, timeout_s > 0 and backoff_s >= 0; "
+                             f"got {self}")
+
 
 @dataclasses.dataclass(frozen=True)
 class Response:
