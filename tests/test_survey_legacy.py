@@ -391,11 +391,15 @@ def test_coadd_target_outside_and_missing_invvar_and_missing_psf_band(ls, archiv
         ls.fetch(ref, TARGET, size_pix=64)
 
 
+# a local server needs no throttling: the config's per-survey rate limit overrides the descriptor's
+NO_THROTTLE = {"surveys": {"ls": {"rate_limit_per_s": 0}}}
+
+
 def test_fetch_epochs_turns_failed_coadd_downloads_into_failures(archive_server, survey_env, monkeypatch):
     monkeypatch.setenv("TRANSCENE_LS_URL", archive_server.url)
     serve(archive_server)
     archive_server.fail_fraction(0.5, prefix="/viewer/fits-cutout", seed=3)
-    report = fetch_epochs(TARGET, surveys=["ls"], size_pix=64, policy=POLICY)
+    report = fetch_epochs(TARGET, surveys=["ls"], size_pix=64, policy=POLICY, config=NO_THROTTLE)
     failed_bands = {r.query["bands"] for r in archive_server.requests
                     if r.path == "/viewer/fits-cutout"} - {
         e.band[-1] for e in report.epochs if e.is_reference}
@@ -414,7 +418,7 @@ def test_fetch_epochs_turns_failed_coadd_downloads_into_failures(archive_server,
                 h.verify("exception")
     # a second run reads the epoch files and downloads nothing new
     n = len(archive_server.requests)
-    again = fetch_epochs(TARGET, surveys=["ls"], size_pix=64, policy=POLICY)
+    again = fetch_epochs(TARGET, surveys=["ls"], size_pix=64, policy=POLICY, config=NO_THROTTLE)
     assert again.n_cached == len(report.epochs)
     assert archive_server.count("/viewer/exposures-tgz/") == 1
     # only the failed coadds are tried again
