@@ -353,3 +353,12 @@ def test_html_metadata_and_invalid_answers_are_not_cached(archive_server, tmp_pa
     assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
     with pytest.raises(ValueError, match="attempts >= 1"):
         RetryPolicy(attempts=0)
+
+
+def test_config_sets_the_retry_policy():
+    from transcene.surveys.registry import retry_policy
+
+    pol = retry_policy({"http": {"attempts": 2, "backoff_s": 0.5}})
+    assert (pol.attempts, pol.backoff_s, pol.budget_s) == (2, 0.5, RetryPolicy().budget_s)
+    with pytest.raises(DescriptorError, match=r"unknown key\(s\) \['retries'\]"):
+        retry_policy({"http": {"retries": 3}})

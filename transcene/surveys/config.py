@@ -5,6 +5,11 @@ File: ``$TRANSCENE_CONFIG`` or ``$XDG_CONFIG_HOME/transcene/config.toml`` (defau
 
     cache_dir = "/data/transcene-cache"
 
+    [http]                    # retries (defaults: 5 attempts, backoff 1 s doubling, 120 s budget)
+    attempts = 5
+    backoff_s = 1.0
+    budget_s = 120.0
+
     [surveys.ztf]
     url = "https://irsa-mirror.example.org"
     user = "me@example.org"

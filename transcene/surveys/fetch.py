@@ -238,7 +238,13 @@ def fetch_epochs(
                     epochs = adapter.fetch(ref, coord, size_pix=size)
                     if not epochs:
                         raise TransceneError(f"{name} {ref.exposure_id}: the adapter returned no epoch")
-                    got = list(zip(epochs, _store_epochs(cache, ref, key, epochs)))
+                    _store_epochs(cache, ref, key, epochs)
+                    # read back what was stored (float32 pixels), so that this run, a cached rerun
+                    # and `transcene fit` on the fetched files all fit exactly the same numbers
+                    got = _cached_epochs(Cache(cache.root), ref, key)
+                    if got is None:
+                        raise TransceneError(f"{name} {ref.exposure_id}: epoch files could not be read back "
+                                             f"from the cache ({cache.epoch_dir(ref.survey, key)})")
             except TransceneError as exc:
                 status = "failed"
                 log.warning("%s %s: %s", name, ref.exposure_id, exc)

@@ -13,7 +13,20 @@ from transcene.surveys.config import cache_root, credentials_for, load_config
 from transcene.surveys.descriptor import DescriptorError, SurveyDescriptor, load_descriptors
 from transcene.surveys.http import HttpClient, RetryPolicy
 
-__all__ = ["available_surveys", "make_adapter", "adapter_class"]
+__all__ = ["available_surveys", "make_adapter", "adapter_class", "retry_policy"]
+
+
+def retry_policy(config: Mapping[str, Any]) -> RetryPolicy:
+    """The retry policy with the config's ``[http]`` values (``attempts``, ``backoff_s``,
+    ``max_wait_s``, ``budget_s``, ``timeout_s``) over the defaults."""
+    import dataclasses
+
+    section = config.get("http", {}) or {}
+    known = {f.name for f in dataclasses.fields(RetryPolicy)}
+    unknown = set(section) - known
+    if unknown:
+        raise DescriptorError(f"config [http]: unknown key(s) {sorted(unknown)}; known: {sorted(known)}")
+    return RetryPolicy(**section)
 
 
 def available_surveys(directory=None) -> dict[str, SurveyDescriptor]:
@@ -42,6 +55,8 @@ def make_adapter(name: str, *, descriptors: Mapping[str, SurveyDescriptor] | Non
     desc = descriptors[name]
     config = dict(config) if config is not None else load_config()
     creds = credentials_for(name, config)
+    if policy is None and config.get("http"):
+        policy = retry_policy(config)
     if client is None:
         # a mirror or a local server may allow more than the public service: the config can say so
         section = (config.get("surveys", {}) or {}).get(name, {}) or {}
