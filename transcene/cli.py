@@ -362,7 +362,7 @@ def lightcurve_cmd(
 ) -> None:
     """Fetch every epoch covering RA DEC from the surveys, fit the scene, write the light curve.
 
-    Example: transcene lightcurve 328.2546 -5.3617 --survey ztf --bands g,r --zero-before 59350 -o lc.ecsv --plot lc.png
+    Example: transcene lightcurve 0.81429 16.14568 --survey ztf --bands g,r --zero-before 59350 -o lc.ecsv --plot lc.png
     """
     _setup(verbose, quiet)
     code = EXIT_ERROR
@@ -422,7 +422,7 @@ def fetch_cmd(
     """Download the epochs covering RA DEC and write them as epoch files (no fit); a table of the
     epochs that failed goes next to them (fetch_failures.ecsv).
 
-    Example: transcene fetch 328.2546 -5.3617 --survey ztf -o epochs/ && transcene fit epochs/ --ra 328.2546 --dec -5.3617
+    Example: transcene fetch 0.81429 16.14568 --survey ztf -o epochs/ && transcene fit epochs/ --ra 0.81429 --dec 16.14568
     """
     _setup(verbose, quiet)
     code = EXIT_ERROR
