@@ -180,15 +180,15 @@ class FitsDirAdapter(SurveyAdapter):
                     hdr, shape = sci.header, sci.data.shape
                     epoch_file = _is_epoch_file(hdul)
                     w = _wcs(p, hdr)
+                    x, y = (float(v) for v in w.world_to_pixel(coord))
+                    if not (-0.5 <= x <= shape[1] - 0.5 and -0.5 <= y <= shape[0] - 0.5):
+                        log.debug("%s does not contain the target", p.name)
+                        continue  # a file of another field is not a failure, whatever it lacks
                     mjd = float(hdr["MJD-OBS"]) if epoch_file else _mid_mjd(p, hdr)
             except Exception as exc:  # noqa: BLE001 - any unreadable file (astropy raises many types)
                 # an unreadable file becomes a failed epoch at fetch, with the reason
                 why = exc.problem if isinstance(exc, EpochFileError) else f"cannot read as FITS: {' '.join(str(exc).split())}"
                 refs.append(EpochRef(self.name, p.stem, "", math.nan, locator={"path": str(p), "error": why}))
-                continue
-            x, y = (float(v) for v in w.world_to_pixel(coord))
-            if not (-0.5 <= x <= shape[1] - 0.5 and -0.5 <= y <= shape[0] - 0.5):
-                log.debug("%s does not contain the target", p.name)
                 continue
             band = str(hdr.get("BAND") or hdr.get("FILTER") or "").strip()
             refs.append(EpochRef(self.name, str(hdr.get("EXPID") or p.stem), band, mjd,
