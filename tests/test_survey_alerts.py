@@ -551,3 +551,17 @@ def test_remote_alerce_sn2021rhu(survey_env):
     assert sci and all(r.meta["objectId"] == "ZTF21abiuvdk" for r in sci)
     (ep,) = ad.fetch(sci[0], RHU_COORD, size_pix=63)
     assert ep.image.shape == (63, 63) and ep.band in ("ztfg", "ztfr")
+
+
+def test_a_new_alert_rebuilds_the_cached_epochs_of_its_group(survey_env, tmp_path):
+    """The band-level PSF uses every alert of a (band, reference) group, so the group's membership
+    is part of each epoch's cache key: a new packet means fresh epochs, not stale cached ones."""
+    pk = tmp_path / "pk"
+    synthetic_dir(pk, 3)
+    coord = SkyCoord(RA0, DEC0, unit="deg")
+    first = fetch_epochs(coord, surveys=[NAME], local_dir=pk, config={})
+    again = fetch_epochs(coord, surveys=[NAME], local_dir=pk, config={})
+    assert again.n_cached == len(first.refs) and again.n_downloaded == 0
+    write_packet(pk, make_record(1700000000015015999, jd=2459430.8, seed=42))
+    grown = fetch_epochs(coord, surveys=[NAME], local_dir=pk, config={})
+    assert grown.n_cached == 0 and grown.n_downloaded == len(grown.refs) == len(first.refs) + 1

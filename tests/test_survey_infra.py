@@ -362,3 +362,15 @@ def test_config_sets_the_retry_policy():
     assert (pol.attempts, pol.backoff_s, pol.budget_s) == (2, 0.5, RetryPolicy().budget_s)
     with pytest.raises(DescriptorError, match=r"unknown key\(s\) \['retries'\]"):
         retry_policy({"http": {"retries": 3}})
+
+
+def test_epoch_cache_key_takes_the_adapters_salt():
+    from transcene.surveys.fetch import _epoch_key
+
+    coord = SkyCoord(150.0, 2.0, unit="deg")
+    a = EpochRef("toy", "e1", "toy_g", 59000.0, locator={"cache_salt": "group-of-3"})
+    b = EpochRef("toy", "e1", "toy_g", 59000.0, locator={"cache_salt": "group-of-4"})
+    assert _epoch_key(a, coord, 21) != _epoch_key(b, coord, 21)
+    assert _epoch_key(a, coord, 21) == _epoch_key(EpochRef("toy", "e1", "toy_g", 59000.0,
+                                                           locator={"cache_salt": "group-of-3"}), coord, 21)
+    assert _epoch_key(a, coord, 21) != _epoch_key(a, coord, 23)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import hashlib
 import io
 import logging
 import math
@@ -305,7 +306,11 @@ class ZtfAlertAdapter(SurveyAdapter):
         for a in sorted(near, key=lambda a: a.candid):
             groups.setdefault((a.band, a.rfid), []).append(a)
         for (band, rfid), members in sorted(groups.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
-            locator = {"group": [[m.candid, dict(m.source)] for m in members], "band": band, "rfid": rfid}
+            # the band-level PSF steps use every alert of the group: a new alert must rebuild the
+            # cached epochs of the others
+            salt = hashlib.sha256(" ".join(m.candid for m in members).encode()).hexdigest()[:16]
+            locator = {"group": [[m.candid, dict(m.source)] for m in members], "band": band, "rfid": rfid,
+                       "cache_salt": salt}
             for m in members:
                 if (start is None or m.mjd >= start) and (end is None or m.mjd <= end):
                     refs.append(EpochRef(self.name, m.candid, band, m.mjd, "science", "UTC",

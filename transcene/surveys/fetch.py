@@ -121,8 +121,10 @@ def _in_time(ref: EpochRef, start: float | None, end: float | None) -> bool:
 
 
 def _epoch_key(ref: EpochRef, coord: SkyCoord, size_pix: int) -> str:
+    """Cache key of a ref's epoch files. An adapter whose epochs depend on more than the exposure
+    (e.g. a PSF aggregated over a group of alerts) puts that in ``locator["cache_salt"]``."""
     pos = {"ra": f"{coord.icrs.ra.deg:.7f}", "dec": f"{coord.icrs.dec.deg:.7f}", "size": int(size_pix),
-           "version": EPOCH_FORMAT_VERSION, "kind": ref.kind}
+           "version": EPOCH_FORMAT_VERSION, "kind": ref.kind, "salt": str(ref.locator.get("cache_salt", ""))}
     return cache_key(ref.survey, ref.exposure_id, pos)
 
 
