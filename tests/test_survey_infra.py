@@ -374,3 +374,21 @@ def test_epoch_cache_key_takes_the_adapters_salt():
     assert _epoch_key(a, coord, 21) == _epoch_key(EpochRef("toy", "e1", "toy_g", 59000.0,
                                                            locator={"cache_salt": "group-of-3"}), coord, 21)
     assert _epoch_key(a, coord, 21) != _epoch_key(a, coord, 23)
+
+
+def test_an_unexpected_adapter_error_fails_that_epoch_only(archive_server, survey_env, caplog):
+    desc, make = _toy(archive_server, n=4)
+    adapter = make()
+    real = adapter.fetch
+
+    def flaky(ref, coord, *, size_pix):
+        if ref.exposure_id == "toy002":
+            raise KeyError("BUNIT")  # e.g. a header an adapter did not expect to lack
+        return real(ref, coord, size_pix=size_pix)
+
+    adapter.fetch = flaky
+    rep = fetch_epochs(SkyCoord(150.0, 2.0, unit="deg"), surveys=["toy"], descriptors={"toy": desc}, config={},
+                       adapters={"toy": adapter})
+    assert len(rep.epochs) == 3 and [f.exposure_id for f in rep.failures] == ["toy002"]
+    assert rep.failures[0].error == "KeyError" and "unexpected KeyError" in rep.failures[0].reason
+    assert any(r.exc_info for r in caplog.records)  # the traceback is logged for the bug report

@@ -222,10 +222,11 @@ def fetch_epochs(
             log.info("%s", exc)
             emit(FetchEvent("found", name, 0, 0, message=str(exc)))
             continue
-        except TransceneError as exc:
-            log.warning("%s: query failed: %s", name, exc)
-            report.failures.append(FetchFailure(name, "", "", math.nan, "", str(exc), type(exc).__name__))
-            emit(FetchEvent("found", name, 0, 0, status="failed", message=str(exc)))
+        except Exception as exc:  # noqa: BLE001 - one survey's failure, expected or not, never stops the run
+            why = _reason(exc)
+            log.warning("%s: query failed: %s", name, why, exc_info=not isinstance(exc, TransceneError))
+            report.failures.append(FetchFailure(name, "", "", math.nan, "", why, type(exc).__name__))
+            emit(FetchEvent("found", name, 0, 0, status="failed", message=why))
             continue
         refs = [r for r in refs if band_matches(r.band, bands) and _in_time(r, start, end)]
         report.refs.extend(refs)
@@ -247,11 +248,12 @@ def fetch_epochs(
                     if got is None:
                         raise TransceneError(f"{name} {ref.exposure_id}: epoch files could not be read back "
                                              f"from the cache ({cache.epoch_dir(ref.survey, key)})")
-            except TransceneError as exc:
+            except Exception as exc:  # noqa: BLE001 - one epoch's failure, expected or not, never stops the run
                 status = "failed"
-                log.warning("%s %s: %s", name, ref.exposure_id, exc)
+                why = _reason(exc)
+                log.warning("%s %s: %s", name, ref.exposure_id, why, exc_info=not isinstance(exc, TransceneError))
                 report.failures.append(FetchFailure(name, ref.exposure_id, ref.band, ref.mjd, ref.kind,
-                                                    str(exc), type(exc).__name__))
+                                                    why, type(exc).__name__))
             else:
                 # start/end also apply to epochs whose time only the product knew
                 kept = [(e, p) for e, p in got if e.is_reference or _mjd_in(e.mjd, start, end)]
@@ -269,6 +271,14 @@ def fetch_epochs(
     emit(FetchEvent("done", "", report.n_found, report.n_found, message=report.summary()))
     log.info("%s", report.summary())
     return report
+
+
+def _reason(exc: BaseException) -> str:
+    """The failure message: ours as is; anything else (an adapter bug or a product nobody
+    foresaw) says so, so that it is reported rather than mistaken for bad data."""
+    if isinstance(exc, TransceneError):
+        return str(exc)
+    return f"unexpected {type(exc).__name__}: {exc} (an adapter bug or an unforeseen product; please report it)"
 
 
 def _mjd_in(mjd: float, start: float | None, end: float | None) -> bool:
