@@ -136,26 +136,9 @@ def convolve_moffat(img, smat, beta, half=20):
     return fftconvolve(img, k / k.sum(), mode="same")
 
 
-def ztf_archive(irsa, monkeypatch):
-    """ZTF's standard archive (4 zr + 2 zg science epochs with the transient at 17.5 AB, one
-    transient-free reference per band), with the host seen through each image's PSF.
-
-    The ZTF fake draws its host galaxy without the PSF: the same pixels in a 2.2 px science
-    image and a 2.75 px reference. No static scene looks like that, and a joint fit puts the
-    difference into the transient (fluxes 5 % low, 3-6 sigma, with the fake as it is; exact
-    when the reference PSF equals the science one). Here the host is convolved with the image's
-    PSF, and the references keep their broader PSF.
-    """
-    orig = ZTF.render
-
-    def render(wcs, psf, zp, sn_mag):
-        tx, ty = (float(v) for v in wcs.world_to_pixel(ZTF.TARGET))
-        yy, xx = np.mgrid[:ZTF.NQ, :ZTF.NQ]
-        host = np.exp(-0.5 * ((xx - tx - 1.5) ** 2 + (yy - ty + 1.0) ** 2) / ZTF.HOST_SIGMA**2)
-        host *= 10 ** (-0.4 * (ZTF.HOST_MAG - zp)) / host.sum()  # as the fake draws it
-        return orig(wcs, psf, zp, sn_mag) - host + convolve_moffat(host, ZTF.smat(psf), psf[3])
-
-    monkeypatch.setattr(ZTF, "render", render)
+def ztf_archive(irsa):
+    """ZTF's standard archive: 4 zr + 2 zg science epochs with the transient at 17.5 AB and one
+    transient-free reference per band, the host seen through each image's PSF."""
     return ZTF.standard_archive(irsa)
 
 
@@ -164,7 +147,7 @@ ZTF_SIZE = "32"
 
 
 def test_ztf_lightcurve_end_to_end_and_cached(irsa, archive_server, env, tmp_path, monkeypatch, record_property):
-    eids = ztf_archive(irsa, monkeypatch)
+    eids = ztf_archive(irsa)
     out = tmp_path / "lc.ecsv"
     _, lc, t1 = run_lightcurve(ZTF.TARGET, "ztf", out, "--size", ZTF_SIZE)
     check_lightcurve(lc, {e: ab_to_njy(ZTF.SN_MAG) for e in eids}, ZTF_REFS)
@@ -347,7 +330,7 @@ def injected_failure(req, fraction: float, seed: int = 0) -> bool:
 
 
 def test_ztf_failed_cutouts_become_fetch_failed_rows(irsa, archive_server, env, tmp_path, monkeypatch):
-    eids = ztf_archive(irsa, monkeypatch)
+    eids = ztf_archive(irsa)
     prefix = ZTF.DATA + "/sci/"
     archive_server.fail_fraction(0.2, prefix=prefix)
     out = tmp_path / "lc.ecsv"

@@ -77,13 +77,23 @@ def add_point(model, x, y, flux, psf):
         model[ys, xs] += stamp[ys.start - y0: ys.stop - y0, xs.start - x0: xs.stop - x0]
 
 
+def convolve_moffat(img, psf, half=20):
+    """``img`` through the pixel-integrated elliptical Moffat ``psf`` (unit sum)."""
+    from scipy.signal import fftconvolve
+
+    k = moffat_image((2 * half + 1, 2 * half + 1), half, half, smat(psf), psf[3], oversample=5)
+    return fftconvolve(img, k / k.sum(), mode="same")
+
+
 def render(wcs, psf, zp, sn_mag):
-    """Noiseless quadrant (DN): sky + host + stars (+ the transient) through ``psf``."""
+    """Noiseless quadrant (DN): sky + host + stars (+ the transient), all through ``psf`` (a host
+    drawn without it would differ between the sharp science and the broad reference images like
+    no real galaxy does, and a joint fit would put the difference into the transient)."""
     model = np.full((NQ, NQ), SKY)
     tx, ty = (float(v) for v in wcs.world_to_pixel(TARGET))
     yy, xx = np.mgrid[:NQ, :NQ]
     host = np.exp(-0.5 * ((xx - tx - 1.5) ** 2 + (yy - ty + 1.0) ** 2) / HOST_SIGMA**2)
-    model += host / host.sum() * 10 ** (-0.4 * (HOST_MAG - zp))
+    model += convolve_moffat(host / host.sum() * 10 ** (-0.4 * (HOST_MAG - zp)), psf)
     for dra, ddec, mag in STARS:
         c = SkyCoord(TARGET.ra.deg + dra / 3600 / math.cos(TARGET.dec.rad), TARGET.dec.deg + ddec / 3600, unit="deg")
         sx, sy = (float(v) for v in wcs.world_to_pixel(c))
