@@ -233,3 +233,27 @@ def test_unknown_survey_and_bad_options_are_clear_errors(tmp_path, monkeypatch):
     assert res.exit_code == EXIT_BAD_INPUT and "--end (59000.0) is before --start" in res.output
     res = runner.invoke(app, ["fetch", "150", "2", "--survey", "fits", "--dir", str(tmp_path / "nope")])
     assert res.exit_code == EXIT_BAD_INPUT and "no such directory" in res.output
+
+
+def test_fetch_progress_on_a_terminal_counts_and_stops_before_the_fit(monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    from transcene import cli
+    from transcene.surveys import FetchEvent
+
+    buf = io.StringIO()
+    monkeypatch.setattr(cli, "err", Console(file=buf, force_terminal=True, width=120))
+    with cli._FetchDisplay(quiet=False) as display:
+        assert display.enabled
+        display(FetchEvent("query", "ztf"))
+        display(FetchEvent("found", "ztf", 0, 3, message="3 epochs"))
+        for i, status in enumerate(["downloaded", "cached", "failed"]):
+            display(FetchEvent("epoch", "ztf", i + 1, 3, status=status, message=f"e{i}"))
+        display(FetchEvent("done", "", 3, 3))
+        assert display._progress is None  # stopped: the fit's lines print below it
+    text = buf.getvalue()
+    assert "ztf: 3 epochs" in text and "1 downloaded, 1 cached" in text and "1 failed" in text
+    monkeypatch.setattr(cli, "err", Console(file=io.StringIO(), force_terminal=False))
+    assert not cli._FetchDisplay(quiet=False).enabled and not cli._FetchDisplay(quiet=True).enabled

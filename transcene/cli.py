@@ -285,12 +285,17 @@ class _FetchDisplay:
     def __exit__(self, *exc):
         if self._progress is not None:
             self._progress.__exit__(*exc)
+            self._progress = None
         return False
 
     def __call__(self, ev) -> None:
         if self._progress is None:
             return
         p = self._progress
+        if ev.stage == "done":  # fetching is over: the fit's own progress lines follow
+            p.stop()
+            self._progress = None
+            return
         if ev.stage == "query":
             self.counts[ev.survey] = {"downloaded": 0, "cached": 0, "failed": 0}
             self.tasks[ev.survey] = p.add_task(f"{ev.survey}: querying", total=None, counts="")
