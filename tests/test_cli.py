@@ -257,3 +257,23 @@ def test_fetch_progress_on_a_terminal_counts_and_stops_before_the_fit(monkeypatc
     assert "ztf: 3 epochs" in text and "1 downloaded, 1 cached" in text and "1 failed" in text
     monkeypatch.setattr(cli, "err", Console(file=io.StringIO(), force_terminal=False))
     assert not cli._FetchDisplay(quiet=False).enabled and not cli._FetchDisplay(quiet=True).enabled
+
+
+def test_log_lines_reach_each_invocations_stderr(sim_dir_with_broken_file, small_sim, tmp_path):
+    """Logs go through the console (never torn by the progress bars) and follow the current stderr:
+    the second command in one process still shows its log lines."""
+    import logging
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    root.handlers = []  # as in a fresh process (pytest installs its own capture handlers)
+    try:
+        truth = Table.read(small_sim / "truth.ecsv")
+        args = ["fetch", str(truth.meta["transient_ra"]), str(truth.meta["transient_dec"]), "--survey", "fits",
+                "--dir", str(sim_dir_with_broken_file)]
+        for i in range(2):
+            res = runner.invoke(app, [*args, "-o", str(tmp_path / f"o{i}")])
+            assert "WARNING transcene.surveys.fetch: fits broken:" in res.output, res.output
+    finally:
+        root.handlers, _ = saved
+        root.setLevel(saved[1])

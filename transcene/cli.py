@@ -24,9 +24,22 @@ err = Console(stderr=True, soft_wrap=True, highlight=False)
 EXIT_OK, EXIT_NOT_CONVERGED, EXIT_BAD_INPUT, EXIT_ERROR = 0, 1, 2, 3
 
 
+class _ConsoleHandler(logging.Handler):
+    """Log lines through the console that draws the progress bars, so neither tears the other
+    (and through whatever stderr is now, not the stream the first call saw); never wrapped."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            err.print(escape(self.format(record)), soft_wrap=True, highlight=False)
+        except Exception:  # noqa: BLE001 - logging must never raise
+            self.handleError(record)
+
+
 def _setup(verbose: bool, quiet: bool) -> None:
     level = logging.DEBUG if verbose else (logging.WARNING if quiet else logging.INFO)
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    handler = _ConsoleHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler])
     for noisy in ("jax", "absl", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
