@@ -26,12 +26,9 @@ from astropy.table import Table
 
 from transcene.api import lightcurve, write_outputs
 from transcene.result import write_table
+from transcene.surveys.fetch import safe_name
 
 log = logging.getLogger("transcene.nightly")
-
-
-def _safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name.strip())
 
 
 def run(targets: Table, out: Path, *, surveys: list[str], start: float | None, method: str,
@@ -50,7 +47,7 @@ def run(targets: Table, out: Path, *, surveys: list[str], start: float | None, m
                "detection_sigma": math.nan, "seconds": 0.0, "message": ""}
         try:
             res = lightcurve(coord, surveys=svs, start=start, zero_before=zb, local_dir=local_dir, method=method)
-            d = out / _safe(name)
+            d = out / safe_name(name.strip())
             write_outputs(res.result, lightcurve=d / "lightcurve.ecsv", plot=d / "lightcurve.png",
                           fetch_report=res.report)
             lc = res.result.lightcurve()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import sys
 import warnings
 from pathlib import Path
 from typing import List, Optional
@@ -73,13 +72,33 @@ def _run_fit(paths, target, zero_before, host, output, scene_out, plot, fit_radi
         result = fit_files(paths, target=target, zero_before=zero_before, host=host, fit_radius=fit_radius,
                            progress=_progress(quiet), **fit_options)
     out = write_outputs(result, lightcurve=output, scene_dir=scene_out, plot=plot)
-    lc = result.lightcurve()
-    n_ref = int(sum(lc["is_reference"]))
+    _print_fit(result, out, quiet)
+    return EXIT_OK if result.converged else EXIT_NOT_CONVERGED
+
+
+def _check_fit_options(host: str, method: str, student_t: float | None, shift_prior: float | None,
+                       max_iter: int) -> None:
+    """The fit options shared by ``fit`` and ``lightcurve``, checked before any work starts."""
+    from .fit import METHODS
+
+    if host not in ("pixel", "sersic"):
+        raise ValueError(f"--host must be 'pixel' or 'sersic', got {host!r}")
+    if method not in METHODS:
+        raise ValueError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
+    if student_t is not None and not student_t > 0:
+        raise ValueError(f"--student-t must be a positive number of degrees of freedom, got {student_t}")
+    if (shift_prior is not None and shift_prior < 0) or max_iter < 1:
+        raise ValueError(f"need --shift-prior >= 0 (got {shift_prior}) and --max-iter >= 1 (got {max_iter})")
+
+
+def _print_fit(result, out: dict, quiet: bool) -> None:
+    """The fit's status, detection and null-test lines and the files written."""
     if not quiet:
+        lc = result.lightcurve()
         err.print(
             f"fit [bold]{result.status}[/bold] in {result.n_iter} iterations ({result.elapsed:.1f} s, "
             f"errors: {result.method}): "
-            f"{len(lc)} epochs ({n_ref} transient-free), bands {', '.join(result.dataset.bands)}"
+            f"{len(lc)} epochs ({int(sum(lc['is_reference']))} transient-free), bands {', '.join(result.dataset.bands)}"
         )
         det = result.detection()
         err.print("  detection (no transient in any measured epoch rejected at): "
@@ -91,7 +110,6 @@ def _run_fit(paths, target, zero_before, host, output, scene_out, plot, fit_radi
             err.print(f"  reference null test, {b}: {verdict}")
         for k, v in out.items():
             err.print(f"  {k}: {v}")
-    return EXIT_OK if result.converged else EXIT_NOT_CONVERGED
 
 
 class _null:
@@ -131,16 +149,7 @@ def fit_cmd(
     """
     _setup(verbose, quiet)
     try:
-        from .fit import METHODS
-
-        if host not in ("pixel", "sersic"):
-            raise ValueError(f"--host must be 'pixel' or 'sersic', got {host!r}")
-        if method not in METHODS:
-            raise ValueError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
-        if student_t is not None and not student_t > 0:
-            raise ValueError(f"--student-t must be a positive number of degrees of freedom, got {student_t}")
-        if shift_prior < 0 or max_iter < 1:
-            raise ValueError(f"need --shift-prior >= 0 (got {shift_prior}) and --max-iter >= 1 (got {max_iter})")
+        _check_fit_options(host, method, student_t, shift_prior, max_iter)
         target = None
         if (ra is None) != (dec is None):
             raise ValueError("give both --ra and --dec, or neither")
@@ -348,9 +357,6 @@ def _print_failures(report, quiet: bool) -> None:
         err.print(f"  {len(epoch_failures)} epoch(s) could not be fetched: rows flagged FETCH_FAILED (64)")
 
 
-_COORD_HELP = "RA and Dec: degrees (10.68 41.27) or sexagesimal (00:42:44.3 +41:16:09); a negative Dec needs no quoting."
-
-
 @app.command("lightcurve", context_settings={"ignore_unknown_options": True})
 def lightcurve_cmd(
     ra: str = typer.Argument(..., help="Target RA (degrees or hh:mm:ss)."),
@@ -385,14 +391,10 @@ def lightcurve_cmd(
     _setup(verbose, quiet)
     code = EXIT_ERROR
     try:
-        from .api import lightcurve
-        from .fit import METHODS
+        from .api import lightcurve, write_outputs
         from .geometry import parse_coord
 
-        if method not in METHODS:
-            raise ValueError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
-        if host not in ("pixel", "sersic"):
-            raise ValueError(f"--host must be 'pixel' or 'sersic', got {host!r}")
+        _check_fit_options(host, method, student_t, shift_prior, max_iter)
         surveys, band_list = _survey_options(survey, bands, start, end, size, directory)
         coord = parse_coord(ra, dec)
         with _FetchDisplay(quiet) as display:
@@ -400,20 +402,12 @@ def lightcurve_cmd(
                              refresh=refresh, local_dir=directory, zero_before=zero_before, host=host,
                              fit_radius=fit_radius, shift_prior=shift_prior, fetch_progress=display,
                              progress=_progress(quiet), method=method, max_iter=max_iter, student_t=student_t)
-        from .api import write_outputs
-
         result, report = run.result, run.report
         if not quiet:
             err.print(f"fetch: {report.summary()}")
         _print_failures(report, quiet)
         out = write_outputs(result, lightcurve=output, scene_dir=scene_out, plot=plot, fetch_report=report)
-        if not quiet:
-            lc = result.lightcurve()
-            err.print(f"fit [bold]{result.status}[/bold] in {result.n_iter} iterations ({result.elapsed:.1f} s, "
-                      f"errors: {result.method}): {len(lc)} epochs ({int(sum(lc['is_reference']))} transient-free), "
-                      f"bands {', '.join(result.dataset.bands)}")
-            for k, v in out.items():
-                err.print(f"  {k}: {v}")
+        _print_fit(result, out, quiet)
         code = EXIT_OK if result.converged else EXIT_NOT_CONVERGED
     except typer.Exit:
         raise

@@ -42,7 +42,7 @@ from urllib.parse import quote
 import numpy as np
 
 from transcene.errors import TransceneError
-from transcene.surveys.base import EpochRef, NoCoverage, ServiceChanged, SurveyAdapter, SurveyError
+from transcene.surveys.base import EpochRef, NoCoverage, ServiceChanged, SurveyAdapter, SurveyError, target_pixel
 from transcene.surveys.cache import ProductError
 from transcene.surveys.descriptor import env_name
 
@@ -323,8 +323,9 @@ class ZtfAlertAdapter(SurveyAdapter):
         return refs
 
     def _broken_ref(self, path: str, exc: TransceneError) -> EpochRef:
-        name = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(path).name)
-        return EpochRef(self.name, f"unreadable_{name}", "", math.nan, "science", "UTC",
+        from transcene.surveys.fetch import safe_name
+
+        return EpochRef(self.name, f"unreadable_{safe_name(Path(path).name)}", "", math.nan, "science", "UTC",
                         locator={"error": str(exc), "problem": getattr(exc, "problem", None), "path": path})
 
     def _scan_directory(self, directory: Path) -> tuple[list[_Alert], list[tuple[str, TransceneError]]]:
@@ -406,7 +407,7 @@ class ZtfAlertAdapter(SurveyAdapter):
             ep = epochs.get(ref.exposure_id)
             if ep is None:
                 raise SurveyError(f"{self.name} {ref.exposure_id}: the alert's packet gave no epoch")
-        _check_inside(ep, coord, f"{self.name} {ref.exposure_id}")
+        target_pixel(ep.wcs, coord, ep.image.shape, f"{self.name} {ref.exposure_id}", noun="stamp")
         return [ep]
 
     def _group(self, loc: Mapping[str, Any]):
@@ -514,10 +515,3 @@ def _json(content: bytes, url: str):
         return json.loads(content)
     except ValueError as exc:
         raise ServiceChanged(f"{url}: answer is not JSON: {exc}") from exc
-
-
-def _check_inside(ep, coord, what: str) -> None:
-    x, y = (float(v) for v in ep.wcs.world_to_pixel(coord))
-    ny, nx = ep.image.shape
-    if not (np.isfinite(x) and np.isfinite(y) and -0.5 <= x <= nx - 0.5 and -0.5 <= y <= ny - 0.5):
-        raise SurveyError(f"{what}: the target falls at pixel ({x:.1f}, {y:.1f}), outside the {nx}x{ny} stamp")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Mapping, Sequence
 
@@ -18,6 +19,8 @@ from transcene.errors import TransceneError
 
 if TYPE_CHECKING:
     from astropy.coordinates import SkyCoord
+    from astropy.io.fits import Header
+    from astropy.wcs import WCS
 
     from transcene.epoch import Epoch
     from transcene.surveys.cache import Cache
@@ -26,7 +29,7 @@ if TYPE_CHECKING:
     from transcene.surveys.http import HttpClient
 
 __all__ = ["EpochRef", "SurveyContext", "SurveyAdapter", "SurveyError", "NoCoverage", "AuthRequired",
-           "ServiceChanged", "EpochKind"]
+           "ServiceChanged", "EpochKind", "celestial_wcs", "target_pixel"]
 
 EpochKind = Literal["science", "reference"]
 
@@ -125,3 +128,45 @@ class SurveyAdapter(abc.ABC):
     @abc.abstractmethod
     def fetch(self, ref: EpochRef, coord: SkyCoord, *, size_pix: int) -> list[Epoch]:
         """Download (through ``self.ctx.cache``) and build the epoch(s) of ``ref``."""
+
+
+def celestial_wcs(header: Header, what: str) -> WCS:
+    """The celestial WCS of an archive product's header.
+
+    astropy's FITSFixedWarning (it repairs DATE-OBS/RADECSYS/PC-matrix conventions) is silenced:
+    it is noise for users. An unusable WCS is a :class:`~transcene.surveys.cache.ProductError`;
+    a header without a celestial WCS means the service changed (:class:`ServiceChanged`).
+    """
+    import warnings
+
+    from astropy.wcs import WCS, FITSFixedWarning
+
+    from transcene.surveys.cache import ProductError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FITSFixedWarning)
+            wcs = WCS(header, naxis=2)
+    except Exception as exc:  # noqa: BLE001 - wcslib/astropy raise many unrelated types
+        raise ProductError(what, f"header WCS unusable: {type(exc).__name__}: {' '.join(str(exc).split())}") from exc
+    if not wcs.has_celestial:
+        raise ServiceChanged(f"{what}: header has no celestial WCS (CTYPE1/2 RA---/DEC--, CRVAL, CRPIX, CD)")
+    return wcs.celestial
+
+
+def target_pixel(wcs: WCS, coord: SkyCoord, shape: tuple[int, int], what: str, *,
+                 noun: str = "cutout") -> tuple[float, float]:
+    """0-based ``(x, y)`` of ``coord`` in an image of ``shape``; :class:`SurveyError` naming
+    ``what`` unless it lies inside (a clipped cutout off-centre is fine, one without the target
+    is not)."""
+    from transcene.surveys.cache import ProductError
+
+    try:
+        x, y = (float(v) for v in wcs.world_to_pixel(coord))
+    except Exception as exc:  # noqa: BLE001 - e.g. a distortion solution that does not converge
+        raise ProductError(what, f"header WCS cannot place the target: {type(exc).__name__}: {exc}") from exc
+    ny, nx = shape
+    if not (math.isfinite(x) and math.isfinite(y) and -0.5 <= x <= nx - 0.5 and -0.5 <= y <= ny - 0.5):
+        raise SurveyError(f"{what}: the target falls at pixel ({x:.1f}, {y:.1f}), outside the {nx}x{ny} {noun} "
+                          "(clipped at the image edge, or the image does not cover the target)")
+    return x, y

@@ -30,7 +30,8 @@ from transcene.surveys.descriptor import SurveyDescriptor, load_descriptors
 from transcene.surveys.http import RetryPolicy
 from transcene.surveys.registry import make_adapter
 
-__all__ = ["FetchFailure", "FetchReport", "FetchEvent", "fetch_epochs", "band_matches", "EPOCH_FORMAT_VERSION"]
+__all__ = ["FetchFailure", "FetchReport", "FetchEvent", "fetch_epochs", "band_matches", "safe_name",
+           "EPOCH_FORMAT_VERSION"]
 
 log = logging.getLogger(__name__)
 
@@ -114,10 +115,9 @@ def band_matches(band: str, wanted: Sequence[str] | None) -> bool:
     return any(band == w or (len(w) == 1 and band.endswith(w)) for w in wanted)
 
 
-def _in_time(ref: EpochRef, start: float | None, end: float | None) -> bool:
-    if ref.kind == "reference" or not math.isfinite(ref.mjd):
-        return True  # references are needed whatever their date; undated refs are checked after fetch
-    return (start is None or ref.mjd >= start) and (end is None or ref.mjd <= end)
+def _in_time(mjd: float, start: float | None, end: float | None) -> bool:
+    """Within [start, end]; an unknown (NaN) time passes (the epoch is checked once fetched)."""
+    return not math.isfinite(mjd) or ((start is None or mjd >= start) and (end is None or mjd <= end))
 
 
 def _epoch_key(ref: EpochRef, coord: SkyCoord, size_pix: int) -> str:
@@ -128,35 +128,36 @@ def _epoch_key(ref: EpochRef, coord: SkyCoord, size_pix: int) -> str:
     return cache_key(ref.survey, ref.exposure_id, pos)
 
 
-def _safe(name: str) -> str:
+def safe_name(name: str) -> str:
+    """``name`` with every character but letters, digits, ``-_.`` replaced by ``_`` (file names)."""
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
-def _cached_epochs(cache: Cache, ref: EpochRef, key: str) -> list[tuple[Epoch, Path]] | None:
+def _read_epoch_dir(d: Path) -> list[tuple[Epoch, Path]] | None:
+    """The epochs of a complete cache entry, or None (absent, unfinished or damaged: refetch)."""
     from transcene.io import read_epoch
 
-    d = cache.epoch_dir(ref.survey, key)
-    if cache.refresh or not (d / "COMPLETE").exists():
+    if not (d / "COMPLETE").exists():
         return None
-    paths = sorted(d.glob("*.fits"))
     try:
-        return [(read_epoch(p), p) for p in paths]
+        return [(read_epoch(p), p) for p in sorted(d.glob("*.fits"))]
     except TransceneError as exc:  # a damaged cache entry is refetched, not trusted
         log.warning("cached epoch %s unreadable (%s); fetching it again", d, exc)
         return None
 
 
-def _store_epochs(cache: Cache, ref: EpochRef, key: str, epochs: list[Epoch]) -> list[Path]:
-    """Write the epochs into a temporary directory and rename it into place (all or nothing)."""
+def _store_epochs(cache: Cache, ref: EpochRef, key: str, epochs: list[Epoch]) -> Path:
+    """Write the epochs into a temporary directory and rename it into place (all or nothing);
+    returns that directory."""
     final = cache.epoch_dir(ref.survey, key)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=".part-"))
     try:
         names = []
         for i, ep in enumerate(epochs):
-            name = f"{_safe(ep.exposure_id or ref.exposure_id)}.fits"
+            name = f"{safe_name(ep.exposure_id or ref.exposure_id)}.fits"
             if name in names:
-                name = f"{_safe(ep.exposure_id or ref.exposure_id)}_{i}.fits"
+                name = f"{safe_name(ep.exposure_id or ref.exposure_id)}_{i}.fits"
             write_epoch(tmp / name, ep)
             names.append(name)
         (tmp / "COMPLETE").write_text(f"{ref.survey} {ref.exposure_id}\n")
@@ -166,7 +167,7 @@ def _store_epochs(cache: Cache, ref: EpochRef, key: str, epochs: list[Epoch]) ->
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return [final / n for n in names]
+    return final
 
 
 def fetch_epochs(
@@ -228,12 +229,13 @@ def fetch_epochs(
             report.failures.append(FetchFailure(name, "", "", math.nan, "", why, type(exc).__name__))
             emit(FetchEvent("found", name, 0, 0, status="failed", message=why))
             continue
-        refs = [r for r in refs if band_matches(r.band, bands) and _in_time(r, start, end)]
+        # references are needed whatever their date
+        refs = [r for r in refs if band_matches(r.band, bands) and (r.kind == "reference" or _in_time(r.mjd, start, end))]
         report.refs.extend(refs)
         emit(FetchEvent("found", name, 0, len(refs), message=f"{len(refs)} epochs"))
         for i, ref in enumerate(refs):
             key = _epoch_key(ref, coord, size)
-            got = _cached_epochs(cache, ref, key)
+            got = None if cache.refresh else _read_epoch_dir(cache.epoch_dir(ref.survey, key))
             status = "cached"
             try:
                 if got is None:
@@ -241,13 +243,13 @@ def fetch_epochs(
                     epochs = adapter.fetch(ref, coord, size_pix=size)
                     if not epochs:
                         raise TransceneError(f"{name} {ref.exposure_id}: the adapter returned no epoch")
-                    _store_epochs(cache, ref, key, epochs)
+                    stored = _store_epochs(cache, ref, key, epochs)
                     # read back what was stored (float32 pixels), so that this run, a cached rerun
                     # and `transcene fit` on the fetched files all fit exactly the same numbers
-                    got = _cached_epochs(Cache(cache.root), ref, key)
+                    got = _read_epoch_dir(stored)
                     if got is None:
                         raise TransceneError(f"{name} {ref.exposure_id}: epoch files could not be read back "
-                                             f"from the cache ({cache.epoch_dir(ref.survey, key)})")
+                                             f"from the cache ({stored})")
             except Exception as exc:  # noqa: BLE001 - one epoch's failure, expected or not, never stops the run
                 status = "failed"
                 why = _reason(exc)
@@ -256,10 +258,10 @@ def fetch_epochs(
                                                     why, type(exc).__name__))
             else:
                 # start/end also apply to epochs whose time only the product knew
-                kept = [(e, p) for e, p in got if e.is_reference or _mjd_in(e.mjd, start, end)]
+                kept = [(e, p) for e, p in got if e.is_reference or _in_time(e.mjd, start, end)]
                 for ep, path in kept:
                     if out_dir is not None:
-                        path = Path(shutil.copy2(path, out_dir / f"{_safe(name)}_{path.name}"))
+                        path = Path(shutil.copy2(path, out_dir / f"{safe_name(name)}_{path.name}"))
                     report.epochs.append(ep.replace(path=str(path)))
                     report.paths.append(path)
                 if status == "cached":
@@ -281,7 +283,3 @@ def _reason(exc: BaseException) -> str:
     return f"unexpected {type(exc).__name__}: {exc} (an adapter bug or an unforeseen product; please report it)"
 
 
-def _mjd_in(mjd: float, start: float | None, end: float | None) -> bool:
-    if not math.isfinite(mjd):
-        return True
-    return (start is None or mjd >= start) and (end is None or mjd <= end)

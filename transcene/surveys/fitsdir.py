@@ -58,8 +58,8 @@ def _wcs(path: Path, header: fits.Header) -> WCS:
 def _science_hdu(path: Path, hdul: fits.HDUList):
     if "SCI" in hdul:
         return hdul["SCI"]
-    for hdu in hdul:
-        if hdu.is_image and hdu.data is not None and hdu.data.ndim == 2:
+    for hdu in hdul:  # from the header: the pixels are read only when needed
+        if hdu.is_image and hdu.header.get("NAXIS") == 2:
             return hdu
     raise EpochFileError(path, "no 2-D image HDU", field="SCI")
 
@@ -177,7 +177,7 @@ class FitsDirAdapter(SurveyAdapter):
                 # our own handle: astropy leaves its file open when a header is truncated
                 with open(p, "rb") as fh, fits.open(fh, memmap=False) as hdul:
                     sci = _science_hdu(p, hdul)
-                    hdr, shape = sci.header, sci.data.shape
+                    hdr, shape = sci.header, (sci.header["NAXIS2"], sci.header["NAXIS1"])
                     epoch_file = _is_epoch_file(hdul)
                     w = _wcs(p, hdr)
                     x, y = (float(v) for v in w.world_to_pixel(coord))

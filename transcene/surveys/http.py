@@ -58,13 +58,6 @@ class Response:
     content: bytes
     headers: Mapping[str, str]
 
-    @property
-    def content_type(self) -> str:
-        return self.headers.get("Content-Type", "").split(";")[0].strip().lower()
-
-    def text(self) -> str:
-        return self.content.decode("utf-8", errors="replace")
-
 
 class HttpClient:
     """One session per survey: ``get(url, params)`` with retries, rate limit and auth headers.
@@ -86,7 +79,6 @@ class HttpClient:
         self._sleep, self._clock = sleep, clock
         self._lock = threading.Lock()
         self._next_slot = 0.0
-        self.n_requests = 0
 
     def _throttle(self) -> None:
         if self.rate_limit_per_s <= 0:
@@ -112,7 +104,6 @@ class HttpClient:
             if left <= 0:
                 break
             try:
-                self.n_requests += 1
                 r = self._session.request(method, url, params=params, data=data, json=json, headers=self._auth,
                                           timeout=min(pol.timeout_s, left))
             except requests.RequestException as exc:

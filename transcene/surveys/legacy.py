@@ -26,16 +26,16 @@ import io
 import logging
 import math
 import tarfile
-import warnings
 from pathlib import PurePosixPath
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 from astropy.io import fits
-from astropy.wcs import WCS, FITSFixedWarning
+from astropy.wcs import WCS
 
 from transcene.epoch import Epoch
-from transcene.surveys.base import EpochRef, NoCoverage, ServiceChanged, SurveyAdapter, SurveyError
+from transcene.surveys.base import (EpochRef, NoCoverage, ServiceChanged, SurveyAdapter, SurveyError, celestial_wcs,
+                                    target_pixel)
 from transcene.surveys.cache import ProductError
 
 __all__ = ["LegacySurveyAdapter", "DQ_BITS", "psfex_eval", "psfex_psf_from_hdul", "ccd_zeropoint",
@@ -201,34 +201,6 @@ def psfex_psf_from_hdul(hdul: fits.HDUList, x: float, y: float, what: str) -> np
     if abs(samp - 1.0) > 1e-6:
         stamp = _resample_psf(stamp, samp)
     return _finish_psf(stamp, what)
-
-
-def _celestial_wcs(header: fits.Header, what: str) -> WCS:
-    try:
-        with warnings.catch_warnings():
-            # archive headers trigger FITSFixedWarning (DATE-OBS/MJD-OBS fixes): harmless here
-            warnings.simplefilter("ignore", FITSFixedWarning)
-            wcs = WCS(header)
-        if not wcs.has_celestial:
-            raise ProductError(what, "header has no celestial WCS (CTYPE1/2, CRVAL, CRPIX, CD)")
-        return wcs.celestial
-    except ProductError:
-        raise
-    except Exception as exc:  # wcslib raises many types
-        raise ProductError(what, f"header WCS unusable: {' '.join(str(exc).split())}") from exc
-
-
-def _target_pixel(wcs: WCS, coord, shape: tuple[int, int], what: str) -> tuple[float, float]:
-    """0-based (x, y) of ``coord``; :class:`SurveyError` unless it lies inside ``shape``."""
-    ny, nx = shape
-    try:
-        x, y = (float(v) for v in wcs.world_to_pixel(coord))
-    except Exception as exc:  # noqa: BLE001 - distortion inversion can fail far off the image
-        raise SurveyError(f"{what}: cannot place the target in the image: {exc}") from exc
-    if not (-0.5 <= x <= nx - 0.5 and -0.5 <= y <= ny - 0.5):
-        raise SurveyError(f"{what}: target at pixel (x={x:.1f}, y={y:.1f}) lies outside the {nx}x{ny} "
-                          "cutout (clipped at the image edge?)")
-    return x, y
 
 
 def _image_hdu(hdul: fits.HDUList, what: str):
@@ -415,12 +387,14 @@ class LegacySurveyAdapter(SurveyAdapter):
         try:
             with tar.fits(rel) as hdul:
                 hdu = _image_hdu(hdul, rel)
-                _target_pixel(_celestial_wcs(hdu.header, rel), coord, hdu.data.shape, rel)
-        except SurveyError as exc:
+                wcs, shape = celestial_wcs(hdu.header, rel), hdu.data.shape
+        except (ProductError, SurveyError):
+            return True  # let fetch report the damaged member against this epoch
+        try:
+            target_pixel(wcs, coord, shape, rel)
+        except (ProductError, SurveyError) as exc:
             log.info("ls: %s does not contain the target: %s", eid, exc)
             return False
-        except ProductError:
-            return True  # let fetch report the damaged member against this epoch
         return True
 
     # -- fetch ------------------------------------------------------------------------------
@@ -451,8 +425,8 @@ class LegacySurveyAdapter(SurveyAdapter):
         for name, arr in (("invvar", ivar), ("DQ", dq)):
             if arr.shape != image.shape:
                 raise ProductError(what, f"{name} shape {arr.shape} differs from the image shape {image.shape}")
-        wcs = _celestial_wcs(header, f"{what} image header")
-        tx, ty = _target_pixel(wcs, coord, image.shape, what)
+        wcs = celestial_wcs(header, f"{what} image header")
+        tx, ty = target_pixel(wcs, coord, image.shape, what)
         psf = self._ccd_psf(tar, stem, what, row["ccd_x0"] + tx, row["ccd_y0"] + ty)
         try:
             zp = ccd_zeropoint(row["camera"], row["ccdzpt"], row["exptime"], self.cameras)
@@ -541,8 +515,8 @@ def _pick_subimage(hdul: fits.HDUList, filt: str, coord, what: str) -> tuple[np.
     best, best_margin, last_err = None, -np.inf, None
     for key, h in images:
         try:
-            wcs = _celestial_wcs(h.header, f"{what} brick {key}")
-            x, y = _target_pixel(wcs, coord, h.data.shape, f"{what} brick {key}")
+            wcs = celestial_wcs(h.header, f"{what} brick {key}")
+            x, y = target_pixel(wcs, coord, h.data.shape, f"{what} brick {key}")
         except (SurveyError, ProductError) as exc:
             last_err = exc
             continue

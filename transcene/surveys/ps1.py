@@ -21,16 +21,15 @@ import dataclasses
 import logging
 import math
 import re
-import warnings
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 from astropy.io import fits
-from astropy.wcs import WCS, FITSFixedWarning
 from scipy import ndimage
 
 from transcene.epoch import Epoch
-from transcene.surveys.base import EpochRef, NoCoverage, ServiceChanged, SurveyAdapter, SurveyError
+from transcene.surveys.base import (EpochRef, NoCoverage, ServiceChanged, SurveyAdapter, SurveyError, celestial_wcs,
+                                    target_pixel)
 from transcene.surveys.cache import ProductError
 from transcene.surveys.fetch import band_matches
 
@@ -273,10 +272,6 @@ def find_psf_stars(image: np.ndarray, variance: np.ndarray, bad: np.ndarray, *, 
     return stars[:max_stars]
 
 
-def _fwhm_to_alpha(beta: float) -> float:
-    return 1.0 / (2.0 * math.sqrt(2.0 ** (1.0 / beta) - 1.0))
-
-
 def empirical_psf(image: np.ndarray, variance: np.ndarray, bad: np.ndarray, *, avoid_xy, avoid_radius: float,
                   box: int = 8, min_snr: float = 20.0, max_stars: int = 20, min_stars: int = 2,
                   fwhm_guess: float = 4.5, what: str = "ps1 cutout") -> tuple[np.ndarray, dict[str, Any]]:
@@ -288,7 +283,7 @@ def empirical_psf(image: np.ndarray, variance: np.ndarray, bad: np.ndarray, *, a
     :class:`SurveyError` when fewer than ``min_stars`` usable stars remain. Returns the stamp and
     a dict with ``fwhm_pix``, ``beta``, ``n_stars``.
     """
-    from transcene.ztf_alerts import fit_moffat, moffat_psf
+    from transcene.ztf_alerts import _fwhm_to_alpha, fit_moffat, moffat_psf
 
     stars = find_psf_stars(image, variance, bad, box=box, min_snr=min_snr, avoid_xy=avoid_xy,
                            avoid_radius=avoid_radius, max_stars=max_stars)
@@ -338,20 +333,6 @@ def _first_image(path, what: str) -> tuple[np.ndarray, fits.Header]:
     except (OSError, ValueError, TypeError) as exc:
         raise ProductError(what, f"cannot be read as FITS: {type(exc).__name__}: {exc}") from exc
     raise ProductError(what, "no 2-D image HDU")
-
-
-def _celestial_wcs(header: fits.Header, what: str) -> WCS:
-    try:
-        with warnings.catch_warnings():
-            # PS1 headers use the deprecated PC00i00j form and lack RADESYS in some products;
-            # astropy repairs both and says so in a FITSFixedWarning.
-            warnings.simplefilter("ignore", FITSFixedWarning)
-            wcs = WCS(header, naxis=2)
-    except Exception as exc:  # wcslib raises many unrelated types
-        raise ServiceChanged(f"{what}: header WCS cannot be used: {' '.join(str(exc).split())}") from exc
-    if not wcs.has_celestial:
-        raise ServiceChanged(f"{what}: header has no celestial WCS (CTYPE1/2 RA---TAN/DEC--TAN)")
-    return wcs.celestial
 
 
 class Ps1Adapter(SurveyAdapter):
@@ -445,15 +426,9 @@ class Ps1Adapter(SurveyAdapter):
         bad |= ~np.isfinite(bits)
         bad |= ~(np.isfinite(image) & np.isfinite(variance) & (variance > 0))
 
-        wcs = _celestial_wcs(hdr, what)
+        wcs = celestial_wcs(hdr, what)
         ny, nx = image.shape
-        try:
-            tx, ty = (float(v) for v in wcs.world_to_pixel(coord))
-        except Exception as exc:  # noqa: BLE001 - wcslib/astropy raise many types for a bad WCS
-            raise ServiceChanged(f"{what}: header WCS cannot place the target: {exc}") from exc
-        if not (np.isfinite(tx) and np.isfinite(ty) and -0.5 <= tx < nx - 0.5 and -0.5 <= ty < ny - 0.5):
-            raise SurveyError(f"{what}: the target {coord.icrs.ra.deg:.6f} {coord.icrs.dec.deg:+.6f} falls at "
-                              f"pixel ({tx:.1f}, {ty:.1f}), outside the {nx}x{ny} cutout")
+        tx, ty = target_pixel(wcs, coord, image.shape, what)
 
         fwhm_guess = self._knob("psf_fwhm_guess_pix", 4.5)
         box = max(int(round(2.0 * fwhm_guess)), 5)

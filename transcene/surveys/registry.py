@@ -13,7 +13,7 @@ from transcene.surveys.config import cache_root, credentials_for, load_config
 from transcene.surveys.descriptor import DescriptorError, SurveyDescriptor, load_descriptors
 from transcene.surveys.http import HttpClient, RetryPolicy
 
-__all__ = ["available_surveys", "make_adapter", "adapter_class", "retry_policy"]
+__all__ = ["make_adapter", "adapter_class", "retry_policy"]
 
 
 def retry_policy(config: Mapping[str, Any]) -> RetryPolicy:
@@ -27,10 +27,6 @@ def retry_policy(config: Mapping[str, Any]) -> RetryPolicy:
     if unknown:
         raise DescriptorError(f"config [http]: unknown key(s) {sorted(unknown)}; known: {sorted(known)}")
     return RetryPolicy(**section)
-
-
-def available_surveys(directory=None) -> dict[str, SurveyDescriptor]:
-    return load_descriptors(directory)
 
 
 def adapter_class(desc: SurveyDescriptor) -> type[SurveyAdapter]:

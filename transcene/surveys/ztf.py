@@ -18,15 +18,15 @@ import csv
 import io
 import logging
 import math
-import warnings
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 from astropy.io import fits
-from astropy.wcs import WCS, FITSFixedWarning
 
 from transcene.epoch import Epoch
-from transcene.surveys.base import AuthRequired, EpochRef, ServiceChanged, SurveyAdapter, SurveyError
+from transcene.surveys.base import (AuthRequired, EpochRef, ServiceChanged, SurveyAdapter, SurveyError, celestial_wcs,
+                                    target_pixel)
+from transcene.ztf_alerts import FIT_RADIUS, _mad_std, fit_moffat, moffat_psf
 from transcene.surveys.cache import ProductError
 from transcene.surveys.fetch import band_matches
 from transcene.surveys.http import DownloadError
@@ -224,10 +224,6 @@ def _float(value: Any) -> float | None:
     return out if math.isfinite(out) else None
 
 
-def _mad_std(x: np.ndarray) -> float:
-    return float(1.4826 * np.median(np.abs(x - np.median(x))))
-
-
 def _pixel_noise(image: np.ndarray, good: np.ndarray) -> float | None:
     """Per-pixel noise from differences of horizontal neighbours (robust MAD / sqrt 2): smooth
     light (sky, host) cancels, so the scatter is the noise, not the scene."""
@@ -254,8 +250,6 @@ def psf_from_stars(image: np.ndarray, variance: np.ndarray, mask: np.ndarray, *,
     :class:`SurveyError` naming ``what`` when fewer than ``min_stars`` stars fit.
     """
     from scipy import ndimage
-
-    from transcene.ztf_alerts import FIT_RADIUS, fit_moffat, moffat_psf
 
     img = np.asarray(image, dtype=float)
     var = np.asarray(variance, dtype=float)
@@ -451,31 +445,6 @@ class ZtfAdapter(SurveyAdapter):
         return data[0], data[1], shown
 
     @staticmethod
-    def _wcs(header: fits.Header, shown: str) -> WCS:
-        try:
-            with warnings.catch_warnings():
-                # IRSA headers trigger FITSFixedWarning (DATE-OBS/RADECSYS fixes) that astropy repairs.
-                warnings.simplefilter("ignore", FITSFixedWarning)
-                wcs = WCS(header, naxis=2)
-        except Exception as exc:  # noqa: BLE001 - astropy raises many types for a broken WCS
-            raise ProductError(shown, f"header WCS unreadable: {type(exc).__name__}: {exc}") from exc
-        if not wcs.has_celestial:
-            raise ServiceChanged(f"{shown}: header has no celestial WCS (CTYPE1/2 RA---/DEC--)")
-        return wcs
-
-    @staticmethod
-    def _target_xy(wcs: WCS, coord, shape: tuple[int, int], shown: str) -> tuple[float, float]:
-        try:
-            x, y = (float(v) for v in wcs.world_to_pixel(coord))
-        except Exception as exc:  # noqa: BLE001 - e.g. a distortion solution that does not converge
-            raise ProductError(shown, f"header WCS cannot place the target: {type(exc).__name__}: {exc}") from exc
-        ny, nx = shape
-        if not (math.isfinite(x) and math.isfinite(y) and -0.5 <= x <= nx - 0.5 and -0.5 <= y <= ny - 0.5):
-            raise SurveyError(f"{shown}: the target falls at pixel ({x:.1f}, {y:.1f}), outside the {nx}x{ny} "
-                              "cutout returned (expected inside: the image does not cover the target)")
-        return x, y
-
-    @staticmethod
     def _keyword(header: fits.Header, key: str, shown: str, meaning: str, *, positive: bool = False) -> float:
         value = _float(header.get(key))
         if value is None or (positive and value <= 0):
@@ -492,8 +461,8 @@ class ZtfAdapter(SurveyAdapter):
         psf_raw, _, pshown = self._image(loc["psf"], None, "PSF")
         if bits.shape != sci.shape:
             raise ProductError(mshown, f"mask cutout shape {bits.shape} differs from the science cutout {sci.shape}")
-        wcs = self._wcs(hdr, shown)
-        self._target_xy(wcs, coord, sci.shape, shown)
+        wcs = celestial_wcs(hdr, shown)
+        target_pixel(wcs, coord, sci.shape, shown)
         zp = self._keyword(hdr, "MAGZP", shown, "the AB zero point of the image (MAGZP, mag)")
         exptime = _float(hdr.get("EXPTIME")) or _float(loc.get("exptime"))
         if not exptime or exptime <= 0:
@@ -546,8 +515,8 @@ class ZtfAdapter(SurveyAdapter):
         unc, _, ushown = self._image(loc["refunc"], params, "reference uncertainty image")
         if unc.shape != img.shape:
             raise ProductError(ushown, f"uncertainty cutout shape {unc.shape} differs from the image {img.shape}")
-        wcs = self._wcs(hdr, shown)
-        x, y = self._target_xy(wcs, coord, img.shape, shown)
+        wcs = celestial_wcs(hdr, shown)
+        x, y = target_pixel(wcs, coord, img.shape, shown)
         zp = self._keyword(hdr, "MAGZP", shown, "the AB zero point of the reference image (MAGZP, mag)")
         if not math.isfinite(ref.mjd):
             raise SurveyError(f"reference {ref.exposure_id}: the IBE ref row has no startobsdate/endobsdate; "
@@ -568,7 +537,7 @@ class ZtfAdapter(SurveyAdapter):
             cut = Cutout2D(image, (x, y), (size, size), wcs=wcs, mode="trim")
             sl = cut.slices_original
             image, variance, mask, wcs = cut.data, variance[sl], mask[sl], cut.wcs
-            self._target_xy(wcs, coord, image.shape, shown)
+            target_pixel(wcs, coord, image.shape, shown)
         if mask.all():
             raise SurveyError(f"{shown}: every pixel of the reference cutout is unusable (refunc <= 0 or NaN)")
         return Epoch(image=np.array(image), variance=np.array(variance), mask=np.array(mask), psf=psf, wcs=wcs,
