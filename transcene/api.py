@@ -62,7 +62,8 @@ def write_outputs(
     plot: str | Path | None = None,
     fetch_report: "FetchReport | None" = None,
 ) -> dict[str, Path]:
-    """Write the light curve (ECSV/CSV/Parquet by extension) with its covariance, the scene, and
+    """Write the light curve (ECSV/CSV/Parquet by extension) with its covariance (and, for NUTS,
+    the flux draws as ``<stem>_samples.fits``), the scene, and
     the plots (``plot``: the light curve; the epoch mosaic, scene and diagnostics next to it).
     With ``fetch_report``, epochs that could not be fetched are rows flagged ``FETCH_FAILED``."""
     out: dict[str, Path] = {}
@@ -73,6 +74,11 @@ def write_outputs(
         out["lightcurve"] = write_table(lc, lightcurve)
         cov_path = Path(lightcurve).with_name(Path(lightcurve).stem + "_covariance.ecsv")
         out["covariance"] = write_table(result.covariance_table(), cov_path)
+        samples = result.samples_table()
+        if samples is not None:
+            path = Path(lightcurve).with_name(Path(lightcurve).stem + "_samples.fits")
+            samples.write(path, format="fits", overwrite=True)
+            out["samples"] = path
     if scene_dir is not None:
         from .outputs import write_scene
 

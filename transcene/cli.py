@@ -91,6 +91,18 @@ def _check_fit_options(host: str, method: str, student_t: float | None, shift_pr
         raise ValueError(f"need --shift-prior >= 0 (got {shift_prior}) and --max-iter >= 1 (got {max_iter})")
 
 
+def _nuts_options(method: str, samples: int, warmup: int, chains: int, seed: int, force: bool) -> dict:
+    """``fit`` keyword arguments for ``--method nuts`` (none otherwise)."""
+    if method != "nuts":
+        return {}
+    import jax
+
+    from .nuts import NutsOptions
+
+    return dict(nuts=NutsOptions(num_samples=samples, num_warmup=warmup, num_chains=chains, force=force),
+                key=jax.random.key(seed))
+
+
 def _print_fit(result, out: dict, quiet: bool) -> None:
     """The fit's status, detection and null-test lines and the files written."""
     if not quiet:
@@ -100,6 +112,11 @@ def _print_fit(result, out: dict, quiet: bool) -> None:
             f"errors: {result.method}): "
             f"{len(lc)} epochs ({int(sum(lc['is_reference']))} transient-free), bands {', '.join(result.dataset.bands)}"
         )
+        if result.posterior is not None:
+            d = result.posterior.diagnostics()
+            err.print(f"  NUTS: {d['chains']} chains, {d['draws']} draws, max R-hat {d['max_rhat']:.3f}, "
+                      f"min ESS {d['min_ess']:.0f}, {d['divergent']} divergent, {d['seconds']:.0f} s"
+                      + ("" if d["converged"] else " [red]NOT CONVERGED[/red]: " + "; ".join(d["problems"])))
         det = result.detection()
         err.print("  detection (no transient in any measured epoch rejected at): "
                   + ", ".join(f"{b} {d['sigma']:.1f} sigma ({d['dof']} epochs)" for b, d in det.items() if d["dof"]))
@@ -132,7 +149,8 @@ def fit_cmd(
     plot: Optional[Path] = typer.Option(None, help="Light-curve plot (PNG/PDF); epoch mosaic, scene and diagnostics plots go next to it."),
     fit_radius: Optional[float] = typer.Option(None, help="Half-side of the fitted region, arcsec."),
     method: str = typer.Option("laplace", help="Flux errors: laplace (marginal over host, position and shifts), "
-                               "linear (geometry fixed at the MAP) or map (conditional, quick look)."),
+                               "linear (geometry fixed at the MAP), nuts (posterior draws; slow: minutes for "
+                               "a few epochs) or map (conditional, quick look)."),
     shift_prior: float = typer.Option(0.1, help="Prior width of each epoch's astrometric shift, arcsec (0: no shifts)."),
     max_iter: int = typer.Option(50, help="Gauss-Newton iterations before the fit is declared not converged."),
     student_t: Optional[float] = typer.Option(None, help="Student-t pixel likelihood with this many degrees of freedom "
@@ -140,6 +158,12 @@ def fit_cmd(
                                               "default Gaussian. Errors grow by 3 % at 5."),
     null_test: bool = typer.Option(False, help="Also test the transient-free epochs for transient light (refits "
                                    "their fluxes; about the covariance's cost again)."),
+    nuts_samples: int = typer.Option(1000, help="--method nuts: draws per chain after warm-up."),
+    nuts_warmup: int = typer.Option(500, help="--method nuts: warm-up (adaptation) draws per chain."),
+    nuts_chains: int = typer.Option(2, help="--method nuts: chains (R-hat needs at least 2)."),
+    seed: int = typer.Option(0, help="--method nuts: random seed (a run is reproducible given it)."),
+    force: bool = typer.Option(False, help="--method nuts: write the light curve even if the chains did not converge "
+                               "(rows flagged NOT_CONVERGED); without it the command fails."),
     verbose: bool = typer.Option(False, "-v", "--verbose", help="Debug logging and tracebacks."),
     quiet: bool = typer.Option(False, "-q", "--quiet", help="Only warnings and errors."),
 ) -> None:
@@ -158,7 +182,8 @@ def fit_cmd(
 
             target = parse_coord(ra, dec)
         code = _run_fit(epoch_files, target, zero_before, host, output, scene_out, plot, fit_radius, verbose, quiet,
-                        method=method, shift_prior=shift_prior, max_iter=max_iter, null_test=null_test, student_t=student_t)
+                        method=method, shift_prior=shift_prior, max_iter=max_iter, null_test=null_test, student_t=student_t,
+                        **_nuts_options(method, nuts_samples, nuts_warmup, nuts_chains, seed, force))
     except typer.Exit:
         raise
     except Exception as exc:  # noqa: BLE001 - mapped to an exit code with a clear message
@@ -368,7 +393,7 @@ def lightcurve_cmd(
     bands: Optional[str] = typer.Option(None, help="Comma-separated bands: one letter (g,r) or full names (ztfg,decam_r)."),
     size: Optional[int] = typer.Option(None, help="Cutout side in pixels (default: the survey's)."),
     zero_before: Optional[float] = typer.Option(None, help="MJD: epochs before it are transient-free."),
-    method: str = typer.Option("laplace", help="Flux errors: laplace, linear or map (see transcene fit --help)."),
+    method: str = typer.Option("laplace", help="Flux errors: laplace, linear, nuts or map (see transcene fit --help)."),
     output: Path = typer.Option(Path("lightcurve.ecsv"), "-o", "--output", help="Light curve (.ecsv, .csv, .parquet)."),
     plot: Optional[Path] = typer.Option(None, help="Light-curve plot (PNG/PDF); the other plots go next to it."),
     scene_out: Optional[Path] = typer.Option(None, help="Directory for host FITS, parameters and epoch images."),
@@ -381,6 +406,12 @@ def lightcurve_cmd(
                                                 "(default: the surveys' astrometric precision)."),
     max_iter: int = typer.Option(50, help="Gauss-Newton iterations before the fit is declared not converged."),
     student_t: Optional[float] = typer.Option(None, help="Student-t pixel likelihood with this many degrees of freedom."),
+    nuts_samples: int = typer.Option(1000, help="--method nuts: draws per chain after warm-up."),
+    nuts_warmup: int = typer.Option(500, help="--method nuts: warm-up (adaptation) draws per chain."),
+    nuts_chains: int = typer.Option(2, help="--method nuts: chains (R-hat needs at least 2)."),
+    seed: int = typer.Option(0, help="--method nuts: random seed (a run is reproducible given it)."),
+    force: bool = typer.Option(False, help="--method nuts: write the light curve even if the chains did not converge "
+                               "(rows flagged NOT_CONVERGED); without it the command fails."),
     verbose: bool = typer.Option(False, "-v", "--verbose", help="Debug logging and tracebacks."),
     quiet: bool = typer.Option(False, "-q", "--quiet", help="Only warnings and errors."),
 ) -> None:
@@ -401,7 +432,8 @@ def lightcurve_cmd(
             run = lightcurve(coord, surveys=surveys, bands=band_list, start=start, end=end, size_pix=size,
                              refresh=refresh, local_dir=directory, zero_before=zero_before, host=host,
                              fit_radius=fit_radius, shift_prior=shift_prior, fetch_progress=display,
-                             progress=_progress(quiet), method=method, max_iter=max_iter, student_t=student_t)
+                             progress=_progress(quiet), method=method, max_iter=max_iter, student_t=student_t,
+                             **_nuts_options(method, nuts_samples, nuts_warmup, nuts_chains, seed, force))
         result, report = run.result, run.report
         if not quiet:
             err.print(f"fetch: {report.summary()}")

@@ -17,6 +17,7 @@ from astropy.coordinates import SkyCoord
 
 from .dataset import PINNED, Dataset
 from .errors import ConvergenceWarning, FitError
+from .nuts import NutsOptions, PosteriorSamples, sample_posterior
 from .geometry import sky_to_offsets
 from .host import PixelHost, SersicHost
 from .result import FitResult
@@ -30,8 +31,8 @@ __all__ = ["fit", "initial_scene", "METHODS"]
 log = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[int, int, str], None]
-Method = Literal["linear", "map", "laplace"]
-METHODS: tuple[str, ...] = ("linear", "map", "laplace")
+Method = Literal["linear", "map", "laplace", "nuts"]
+METHODS: tuple[str, ...] = ("linear", "map", "laplace", "nuts")
 
 
 def initial_scene(ds: Dataset, host: Literal["pixel", "sersic"] = "pixel", stars: SkyCoord | None = None) -> Scene:
@@ -251,6 +252,8 @@ def fit(
     method: Method = "laplace",
     null_test: bool = False,
     student_t: float | None = None,
+    nuts: NutsOptions = NutsOptions(),
+    key: jax.Array | None = None,
 ) -> FitResult:
     """Fit the scene to ``ds`` and return the light curve with Gaussian flux errors.
 
@@ -265,6 +268,12 @@ def fit(
       shape stays free) fixed at the MAP; the fluxes marginalised over the host and the skies
       only. Exact for the linear model, smaller than ``laplace`` by the position and
       registration uncertainty; the transient position gets no error.
+    * ``"nuts"``: the full posterior sampled by NUTS (numpyro) from the MAP, every parameter
+      free (:mod:`transcene.nuts`); fluxes are posterior means, errors posterior standard
+      deviations, ``flux_lo``/``flux_hi`` the 16th/84th percentiles, the covariance the draws'
+      one, with split R-hat and effective sample sizes per epoch. Chains that miss
+      ``nuts``'s convergence criteria raise :class:`~transcene.errors.FitError` unless
+      ``nuts.force``. Far slower than the others (thousands of renderings); needs ``key``.
     * ``"map"``: no covariance solve; each epoch's error is conditional on the host and the
       geometry (a lower bound, far too small wherever the host under the transient is
       uncertain), and epochs are uncorrelated. For quick looks only.
@@ -293,6 +302,11 @@ def fit(
         raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
     if student_t is not None and not (np.isfinite(student_t) and student_t > 0):
         raise ValueError(f"student_t must be a positive number of degrees of freedom or None; got {student_t!r}")
+    if method == "nuts":
+        if key is None:
+            raise ValueError("method='nuts' needs an explicit PRNG key: fit(..., key=jax.random.key(seed))")
+        if student_t is not None:
+            raise ValueError("method='nuts' samples the Gaussian pixel likelihood only; student_t must be None")
     t0 = time.perf_counter()
     scene = init if init is not None else initial_scene(ds, host, stars)
     star_centre = np.asarray(scene.glob.star_position)
@@ -396,7 +410,22 @@ def fit(
     if student_t is not None:
         cov_stacks, chi2, n_out = _student_t_final(scene, gaussian_stacks, grid, student_t)
         log.info("Student-t fit: %d pixels beyond %g sigma", n_out, OUTLIER_SIGMA)
-    cov, local_var, pos_cov = _uncertainties(method, scene, cov_stacks, grid, pa)
+    posterior = None
+    if method == "nuts":
+        posterior = sample_posterior(scene, stacks, grid, pa, key=key, options=nuts, progress=progress)
+        if not posterior.converged:
+            msg = "the NUTS chains did not converge: " + "; ".join(posterior.problems)
+            if not nuts.force:
+                raise FitError(msg + " (more draws, NutsOptions(num_samples=..., num_warmup=...), usually help; "
+                               "NutsOptions(force=True) returns the light curve flagged NOT_CONVERGED)")
+            warnings.warn(msg + "; the light curve is flagged", ConvergenceWarning, stacklevel=2)
+            status = "nuts_not_converged" if status == "converged" else status
+        cov = np.atleast_2d(np.cov(posterior.flux))
+        pos_cov = np.atleast_2d(np.cov(posterior.position.T))
+        scene0, frozen, _ = freeze_geometry(scene, stacks, pa)
+        local_var = np.asarray(local_variances(scene0, frozen, grid))
+    else:
+        cov, local_var, pos_cov = _uncertainties(method, scene, cov_stacks, grid, pa)
     if not np.all(np.isfinite(np.diag(cov))):
         raise FitError("the flux covariance is not finite: the problem is degenerate (check the inputs)")
     null = None
@@ -420,5 +449,6 @@ def fit(
         elapsed=elapsed,
         method=method,
         reference_null=null,
+        posterior=posterior,
         likelihood="gaussian" if student_t is None else f"student-t (nu={student_t:g}); chi2 capped at 5 sigma per pixel",
     )

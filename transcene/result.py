@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import enum
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from astropy import units as u
@@ -19,6 +20,9 @@ from .host import PixelHost, SersicHost
 from .scene import Scene
 from .significance import detection_test
 
+if TYPE_CHECKING:
+    from .nuts import PosteriorSamples
+
 __all__ = ["FitResult", "Flag", "write_table"]
 
 
@@ -28,6 +32,9 @@ UNCERTAINTY = {
                "position, static sources, and each epoch's sky and astrometric shift",
     "linear": "Gaussian, geometry fixed at the MAP: fluxes marginalised over the host and skies; transient "
               "position and shifts held fixed (no position error)",
+    "nuts": "NUTS draws of the full posterior (host, positions, every epoch's flux, sky and shift free): "
+            "flux the posterior mean, flux_err the posterior standard deviation, flux_lo/flux_hi the 16th/84th "
+            "percentiles",
     "map": "conditional on the host and geometry at the MAP (a lower bound; epochs uncorrelated); "
            "for quick looks only",
 }
@@ -69,6 +76,8 @@ class FitResult:
     reference_null: dict | None = None
     #: "gaussian" or "student-t (nu=...)": the pixel likelihood
     likelihood: str = "gaussian"
+    #: the NUTS draws and diagnostics (``method="nuts"``), else None
+    posterior: "PosteriorSamples | None" = None
     # the light curve is built once (plots and writers ask for it repeatedly); callers get copies
     _cache: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
 
@@ -83,6 +92,34 @@ class FitResult:
 
     def _local(self) -> np.ndarray:
         return np.concatenate([np.asarray(loc) for loc in self.scene.local], axis=0)[self._slots()]
+
+    def flux_samples(self) -> np.ndarray | None:
+        """Posterior flux draws ``[epoch, draw]`` in nJy, input order (``method="nuts"``; else None).
+        Reference epochs' fluxes are zero by definition."""
+        if self.posterior is None:
+            return None
+        return np.array(self.posterior.flux[self._slots()])
+
+    def samples_table(self) -> Table | None:
+        """The flux draws as a table keyed by exposure id (one row per epoch, a vector column)."""
+        draws = self.flux_samples()
+        if draws is None:
+            return None
+        t = Table()
+        t["exposure_id"] = [str(v) for v in self.dataset.epochs["exposure_id"]]
+        t["mjd"] = np.asarray(self.dataset.epochs["mjd"], float) * u.d
+        t["band"] = self.dataset.epochs["band"]
+        t["flux_samples"] = draws * u.nJy
+        d = self.posterior.diagnostics()
+        # FITS-header scalars (the full diagnostics are in the light curve's metadata)
+        t.meta["COMMENT"] = ["NUTS posterior draws of each epoch's transient flux (nJy), chains concatenated"]
+        t.meta["NCHAINS"] = d["chains"]
+        t.meta["NDRAWS"] = d["draws"]
+        t.meta["NDIVERG"] = d["divergent"]
+        t.meta["MAXRHAT"] = d["max_rhat"] if d["max_rhat"] is not None else "none"
+        t.meta["MINESS"] = d["min_ess"] if d["min_ess"] is not None else "none"
+        t.meta["CONVERGD"] = d["converged"]
+        return t
 
     def epoch_covariance(self) -> np.ndarray:
         """Flux covariance between epochs (nJy^2), in the order of ``dataset.epochs``."""
@@ -124,6 +161,12 @@ class FitResult:
         ref = np.asarray(t["is_reference"], bool)
         flux = np.where(ref, 0.0, loc[:, 0])
         err = np.where(ref, 0.0, np.sqrt(var))
+        lo, hi = flux - err, flux + err
+        post = self.posterior
+        if post is not None:
+            draws = post.flux[self._slots()]
+            flux = np.where(ref, 0.0, draws.mean(axis=1))
+            lo, hi = np.percentile(draws, [15.865, 84.135], axis=1)
         with np.errstate(divide="ignore", invalid="ignore"):
             snr = np.where(ref, np.nan, flux / err)
         det = np.isfinite(snr) & (snr >= 3)
@@ -154,8 +197,8 @@ class FitResult:
         out["exposure_id"] = t["exposure_id"]
         out["flux"] = flux * u.nJy
         out["flux_err"] = err * u.nJy
-        out["flux_lo"] = (flux - err) * u.nJy
-        out["flux_hi"] = (flux + err) * u.nJy
+        out["flux_lo"] = lo * u.nJy
+        out["flux_hi"] = hi * u.nJy
         out["mag"] = mag * u.ABmag
         out["mag_err"] = mag_err * u.mag
         out["mag_lim"] = mag_lim * u.ABmag
@@ -167,6 +210,9 @@ class FitResult:
         out["shift_ra"] = loc[:, 2] * u.arcsec
         out["shift_dec"] = loc[:, 3] * u.arcsec
         out["is_reference"] = ref
+        if post is not None:
+            out["flux_rhat"] = np.ma.masked_invalid(post.rhat[self._slots()])
+            out["flux_ess"] = np.ma.masked_invalid(post.ess[self._slots()])
         for name in ("mag", "mag_err", "mag_lim", "snr"):
             out[name] = np.ma.masked_invalid(np.asarray(out[name]))
             out[name].unit = {"mag": u.ABmag, "mag_err": u.mag, "mag_lim": u.ABmag}.get(name)
@@ -177,6 +223,7 @@ class FitResult:
             "flux_lo/flux_hi are the 16th/84th posterior percentiles; mag_lim is the 3-sigma limit; "
             "psf_fwhm the epoch's PSF FWHM in arcsec; sky in nJy/pixel; "
             "shift_ra/shift_dec the fitted astrometric shift of the epoch"
+            + ("; flux_rhat/flux_ess: split R-hat and bulk effective sample size of the NUTS draws" if post else "")
         )
         return out
 
@@ -185,7 +232,8 @@ class FitResult:
         (:func:`transcene.significance.detection_test`): ``{chi2, dof, p_value, sigma}``."""
         if "detection" not in self._cache:  # an eigen-decomposition of the epoch covariance
             ref = np.asarray(self.dataset.epochs["is_reference"], bool)
-            self._cache["detection"] = detection_test(self._local()[:, 0], self.epoch_covariance(),
+            flux = self._local()[:, 0] if self.posterior is None else self.flux_samples().mean(axis=1)
+            self._cache["detection"] = detection_test(flux, self.epoch_covariance(),
                                                       np.asarray(self.dataset.epochs["band"]), ~ref)
         return copy.deepcopy(self._cache["detection"])
 
@@ -244,6 +292,9 @@ class FitResult:
         }
         if self.reference_null is not None:
             meta["reference_null_test"] = self.reference_null
+        if self.posterior is not None:
+            meta["nuts"] = self.posterior.diagnostics()
+            meta["transient_offset_posterior_mean_arcsec"] = [float(v) for v in self.posterior.position.mean(axis=0)]
         h = self.scene.glob.host
         if isinstance(h, SersicHost):
             q, pa, re = (float(v) for v in h.shape_params())
