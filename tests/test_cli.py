@@ -88,9 +88,13 @@ def test_fit_rejects_bad_student_t(small_sim):
 
 
 def test_fit_rejects_unknown_method(small_sim):
-    res = runner.invoke(app, ["fit", str(small_sim), "--method", "nuts", "-q"])
+    res = runner.invoke(app, ["fit", str(small_sim), "--method", "mcmc", "-q"])
     assert res.exit_code == EXIT_BAD_INPUT
-    assert "--method must be one of linear, map, laplace, got 'nuts'" in res.output
+    assert "--method must be one of linear, map, laplace, nuts, got 'mcmc'" in res.output
+    # nuts options are checked before any work too
+    res = runner.invoke(app, ["fit", str(small_sim), "--method", "nuts", "--nuts-chains", "0", "-q"])
+    assert res.exit_code == EXIT_BAD_INPUT
+    assert "NutsOptions.num_chains must be a positive integer" in res.output
 
 
 def test_scene_outputs_have_wcs(fitted):
