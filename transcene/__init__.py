@@ -22,10 +22,11 @@ from .dataset import Dataset, make_dataset  # noqa: E402
 from .epoch import Epoch, write_epoch  # noqa: E402
 from .fit import fit  # noqa: E402
 from .io import read_epoch, read_epochs  # noqa: E402
+from .nuts import NutsOptions  # noqa: E402
 from .result import FitResult, Flag, write_table  # noqa: E402
 from .solve import Priors  # noqa: E402
 
 __all__ = [
     "Epoch", "write_epoch", "read_epoch", "read_epochs", "Dataset", "make_dataset",
-    "fit", "FitResult", "Flag", "Priors", "write_table", "__version__",
+    "fit", "NutsOptions", "FitResult", "Flag", "Priors", "write_table", "__version__",
 ]

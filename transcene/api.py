@@ -38,19 +38,22 @@ def fit_files(
     host: Literal["pixel", "sersic"] = "pixel",
     fit_radius: float | None = None,
     shift_prior: float = 0.1,
+    zp_jitter: float = 0.0,
     progress: Callable[[int, int, str], None] | None = None,
     **fit_options,
 ) -> FitResult:
     """Read epoch files, fit the scene and return the result.
 
     ``shift_prior``: prior width (arcsec) of each epoch's astrometric shift (0: no shifts).
+    ``zp_jitter``: prior width (mag) of each epoch's zero-point error (0: zero points exact).
     ``fit_options`` go to :func:`transcene.fit` (``method``, ``max_iter``, ``priors``, ...).
     """
     epochs = read_epochs(paths, target=target)
     if target is None:
         target = default_target(epochs)
         log.info("target defaults to the centre of the first epoch: %s", target.to_string("hmsdms"))
-    ds = make_dataset(epochs, target, fit_radius=fit_radius, zero_before=zero_before, shift_prior=shift_prior)
+    ds = make_dataset(epochs, target, fit_radius=fit_radius, zero_before=zero_before, shift_prior=shift_prior,
+                      zp_jitter=zp_jitter)
     return fit(ds, host=host, progress=progress, **fit_options)
 
 
@@ -154,6 +157,7 @@ def lightcurve(
     host: Literal["pixel", "sersic"] = "pixel",
     fit_radius: float | None = None,
     shift_prior: float | None = None,
+    zp_jitter: float = 0.0,
     fetch_progress: Callable | None = None,
     progress: Callable[[int, int, str], None] | None = None,
     config=None,
@@ -165,7 +169,8 @@ def lightcurve(
     ``coord`` (through the cache), fit the scene, and keep the failed epochs for the table.
 
     ``shift_prior`` (arcsec) defaults to the largest ``astrometric_precision_arcsec`` of the
-    surveys used. Raises :class:`~transcene.errors.DatasetError` when no epoch could be fetched.
+    surveys used; ``zp_jitter`` (mag, default 0: off) is the prior width of each epoch's zero-point
+    error (see :func:`~transcene.dataset.make_dataset`). Raises :class:`~transcene.errors.DatasetError` when no epoch could be fetched.
     """
     from .errors import DatasetError
     from .surveys import fetch_epochs, load_descriptors
@@ -182,6 +187,7 @@ def lightcurve(
         used = {e.survey for e in report.epochs}
         shift_prior = max((d.astrometric_precision_arcsec for n, d in descriptors.items() if n in used), default=0.1)
         log.info("shift prior %.3f arcsec (the surveys' astrometric precision)", shift_prior)
-    ds = make_dataset(report.epochs, coord, fit_radius=fit_radius, zero_before=zero_before, shift_prior=shift_prior)
+    ds = make_dataset(report.epochs, coord, fit_radius=fit_radius, zero_before=zero_before, shift_prior=shift_prior,
+                      zp_jitter=zp_jitter)
     result = fit(ds, host=host, progress=progress, **fit_options)
     return LightCurveRun(result, report)

@@ -58,6 +58,8 @@ class EpochStack(eqx.Module):
     free_flux: Float[Array, "epoch"]
     valid: Float[Array, "epoch"]
     shift_prec: Float[Array, "epoch"]
+    zp_prec: Float[Array, "epoch"]  # prior precision of the zero-point nuisance (PINNED: off)
+    scale: Float[Array, "epoch"]  # calibration factor fixed into the epoch (1; a frozen fit's zero point)
 
     def __check_init__(self):
         if self.data.ndim != 3:  # a single-epoch slice
@@ -167,6 +169,7 @@ def make_dataset(
     model_oversample: float = 2.0,
     zero_before: float | None = None,
     shift_prior: float = 0.1,
+    zp_jitter: float = 0.0,
     pad_epochs: bool = True,
 ) -> Dataset:
     """Stack ``epochs`` around ``target`` for fitting.
@@ -180,10 +183,19 @@ def make_dataset(
         model_oversample: model pixels per finest epoch pixel (side).
         zero_before: MJD; epochs before it are treated as transient-free (flux fixed to 0).
         shift_prior: prior standard deviation of each epoch's astrometric shift, arcsec.
+        zp_jitter: prior standard deviation of each epoch's zero-point error, mag; 0 (default)
+            takes the zero points as exact. When > 0 every epoch gets a free calibration factor
+            ``1 + eps`` (prior sd ``0.4 ln(10) zp_jitter``) multiplying its whole scene but the sky,
+            measured against the host that all epochs share; the fluxes are then calibrated to
+            the epochs' common scale and their errors include the zero-point uncertainty.
         pad_epochs: pad epoch counts to buckets (2^k or 1.5 x 2^k) so compiled programs are reused.
     """
     if len(epochs) == 0:
         raise DatasetError("no epochs to fit")
+    if not (np.isfinite(zp_jitter) and zp_jitter >= 0):
+        raise ValueError(f"zp_jitter must be a zero-point rms in mag >= 0; got {zp_jitter!r}")
+    if not (np.isfinite(shift_prior) and shift_prior >= 0):
+        raise ValueError(f"shift_prior must be an rms in arcsec >= 0; got {shift_prior!r}")
     geo = []
     kept = []
     for ep in epochs:
@@ -322,6 +334,8 @@ def make_dataset(
         free = np.zeros(n_pad)
         valid = np.zeros(n_pad)
         shift_prec = np.full(n_pad, 1.0 / shift_prior**2 if shift_prior > 0 else PINNED)
+        zp_sd = 0.4 * math.log(10.0) * zp_jitter
+        zp_prec = np.full(n_pad, 1.0 / zp_sd**2 if zp_sd > 0 else PINNED)
         for slot, i in enumerate(members):
             it = items[i]
             ep = it["ep"]
@@ -376,6 +390,8 @@ def make_dataset(
                 free_flux=jnp.asarray(free),
                 valid=jnp.asarray(valid),
                 shift_prec=jnp.asarray(shift_prec),
+                zp_prec=jnp.asarray(zp_prec),
+                scale=jnp.ones(n_pad),
             )
         )
     rows.sort(key=lambda r: r["index"])

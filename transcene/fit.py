@@ -21,7 +21,7 @@ from .nuts import NutsOptions, PosteriorSamples, sample_posterior
 from .geometry import sky_to_offsets
 from .host import PixelHost, SersicHost
 from .result import FitResult
-from .scene import N_LOCAL, Scene, SceneGlobal
+from .scene import LOCAL_NONLINEAR as NL, N_LOCAL, Scene, SceneGlobal
 from .significance import reference_null_test
 from .solve import (LINEAR_TOL, Priors, flux_covariance, freeze_geometry, gauss_newton_step, linear_solution, local_variances,
                     objective_and_chi2, posterior_energy, prior_arrays, standardized_residuals)
@@ -85,10 +85,11 @@ def _check_cg(cg_it, cg_res, tol: float = LINEAR_TOL) -> None:
 
 
 def _nonlinear_weights(step: Scene, lvar) -> Scene:
-    """1/sigma for the non-linear parameters (shifts: conditional sigma; positions: 0.01"), else 0."""
+    """1/sigma for the non-linear parameters (shifts, zero points: conditional sigma; positions:
+    0.01"), else 0."""
     w = jax.tree_util.tree_map(jnp.zeros_like, step)
     local = tuple(
-        jnp.zeros_like(d).at[:, 2:].set(1.0 / jnp.sqrt(v[:, 2:] + 1e-300)) for d, v in zip(step.local, lvar)
+        jnp.zeros_like(d).at[:, NL].set(1.0 / jnp.sqrt(v[:, NL] + 1e-300)) for d, v in zip(step.local, lvar)
     )
     glob = eqx.tree_at(lambda g: (g.position, g.star_position), w.glob,
                        (jnp.full_like(w.glob.position, 100.0), jnp.full_like(w.glob.star_position, 100.0)))
@@ -153,7 +154,7 @@ def _step_sizes(step: Scene, lvar, stacks, alpha: float, misfit) -> tuple[float,
         for d, v, st, m in zip(step.local, lvar, stacks, misfit)
     )
     dshift = max(
-        float(jnp.max(jnp.abs(alpha * d[:, 2:]) / jnp.sqrt(v[:, 2:] * m[:, None] + 1e-300) * st.valid[:, None]))
+        float(jnp.max(jnp.abs(alpha * d[:, NL]) / jnp.sqrt(v[:, NL] * m[:, None] + 1e-300) * st.valid[:, None]))
         for d, v, st, m in zip(step.local, lvar, stacks, misfit)
     )
     vals = [jnp.max(jnp.abs(step.glob.position))]
@@ -223,7 +224,7 @@ def _student_t_final(scene: Scene, gaussian_stacks, grid, nu: float):
 
 
 def _uncertainties(method: str, scene: Scene, stacks, grid, pa):
-    """``(flux covariance [E, E], local conditional variances [E, 4], position covariance)``."""
+    """``(flux covariance [E, E], local conditional variances [E, 5], position covariance)``."""
     if method == "laplace":
         cov, local_var, pos_cov, _ = flux_covariance(scene, stacks, grid, pa)
     elif method == "linear":
@@ -392,7 +393,7 @@ def fit(
         cg_total += cg_it
         _check_cg(cg_it, cg_res)
         # the linear parameters from the frozen problem, the shifts kept as they were
-        trial = Scene(glob=solved.glob, local=tuple(s.at[:, 2:].set(l[:, 2:]) for s, l in zip(solved.local, scene.local)))
+        trial = Scene(glob=solved.glob, local=tuple(s.at[:, NL].set(l[:, NL]) for s, l in zip(solved.local, scene.local)))
         new, trial_chi2 = objective_and_chi2(trial, stacks, grid, pa)
         new = float(new)
         log.debug("linear polish: objective %.6f -> %.6f (cg %d, res %.1e)", obj, new, int(cg_it), float(cg_res))

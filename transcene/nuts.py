@@ -9,7 +9,7 @@ Sampling thousands of strongly correlated parameters is only practical in coordi
 the posterior is close to a standard normal. With ``x`` the MAP and ``z`` the sampled vector,
 
     g = g_map + T_g z_g                          (global: host, positions)
-    l_e = l_map,e - K_e (g - g_map) + C_e z_e    (each epoch's [flux, sky, shift_xi, shift_eta])
+    l_e = l_map,e - K_e (g - g_map) + C_e z_e    (each epoch's [flux, sky, shift_xi, shift_eta, zp])
 
 where ``K_e = N_e^-1 B_e^T`` is how the epoch's local parameters follow the global ones (their
 conditional mean) and ``C_e C_e^T = N_e^-1`` their conditional covariance, both exact at the MAP
@@ -42,7 +42,7 @@ from jaxtyping import Array, Float
 from .dataset import ModelGrid
 from .host import PixelHost
 from .render import batched
-from .scene import Scene, host_spectrum, render_epoch
+from .scene import N_LOCAL, Scene, host_spectrum, render_epoch
 from .solve import _DENSE_MAX, PriorArrays, _build, _local_blocks, _position_index, _small_indices, objective
 
 __all__ = ["NutsOptions", "PosteriorSamples", "Whitening", "whitening", "sample_posterior"]
@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 
 #: global parameters up to which the whitening is exact (S formed densely, one solve-free
 #: operator application per parameter, and eigendecomposed)
-DENSE_WHITENING_MAX = 4096
+DENSE_WHITENING_MAX = 6000
 #: a local coordinate whose conditional variance exceeds this (in its units squared) has no data
 _INERT_VAR = 1e20
 
@@ -103,6 +103,7 @@ class PosteriorSamples:
     position_rhat: np.ndarray
     position_ess: np.ndarray
     n_chains: int
+    n_params: int
     n_divergent: int
     n_draws: int
     step_size: float
@@ -117,6 +118,7 @@ class PosteriorSamples:
         return {
             "sampler": "NUTS (numpyro), started at the MAP, Gauss-Newton-whitened coordinates",
             "chains": self.n_chains,
+            "parameters": self.n_params,
             "draws": self.n_draws,
             "divergent": self.n_divergent,
             "step_size": round(float(self.step_size), 5),
@@ -135,10 +137,10 @@ class Whitening(eqx.Module):
     """The affine map from the sampled vector ``z`` to the scene (module docstring)."""
 
     glob_map: Float[Array, " g"]  # flat global parameters at the MAP
-    local_map: tuple[Float[Array, "epoch 4"], ...]
-    response: tuple[Float[Array, "epoch 4 g"], ...]  # K_e
-    local_chol: tuple[Float[Array, "epoch 4 4"], ...]  # C_e (zero rows/columns where inert)
-    inert: tuple[Float[Array, "epoch 4"], ...]  # 1 where the coordinate moves nothing
+    local_map: tuple[Float[Array, "epoch 5"], ...]
+    response: tuple[Float[Array, "epoch 5 g"], ...]  # K_e
+    local_chol: tuple[Float[Array, "epoch 5 5"], ...]  # C_e (zero rows/columns where inert)
+    inert: tuple[Float[Array, "epoch 5"], ...]  # 1 where the coordinate moves nothing
     dense_chol: Float[Array, "gd gd"]  # T_g when dense (else 0 x 0)
     host_scale: Float[Array, "band m mh"]  # Fourier amplitude of T_g on the host (else empty)
     small_chol: Float[Array, "s s"]  # T_g on the non-host globals in the Fourier mode
@@ -147,7 +149,7 @@ class Whitening(eqx.Module):
 
     @property
     def size(self) -> int:
-        return self.n_global + sum(4 * r.shape[0] for r in self.response)
+        return self.n_global + sum(N_LOCAL * r.shape[0] for r in self.response)
 
 
 def _global_step(w: Whitening, zg: Array, grid: ModelGrid) -> Array:
@@ -168,8 +170,8 @@ def to_scene(w: Whitening, z: Float[Array, " n"], unravel: Callable, grid: Model
     i = w.n_global
     for lm, k, c in zip(w.local_map, w.response, w.local_chol):
         n = lm.shape[0]
-        ze = z[i : i + 4 * n].reshape(n, 4)
-        i += 4 * n
+        ze = z[i : i + N_LOCAL * n].reshape(n, N_LOCAL)
+        i += N_LOCAL * n
         local.append(lm - jnp.einsum("eag,g->ea", k, dg) + jnp.einsum("eab,eb->ea", c, ze))
     return Scene(glob=unravel(w.glob_map + dg), local=tuple(local))
 
@@ -179,14 +181,14 @@ def _pseudo_prior(w: Whitening, z: Array) -> Array:
     total = 0.0
     for m in w.inert:
         n = m.shape[0]
-        total = total + jnp.sum(m * z[i : i + 4 * n].reshape(n, 4) ** 2)
-        i += 4 * n
+        total = total + jnp.sum(m * z[i : i + N_LOCAL * n].reshape(n, N_LOCAL) ** 2)
+        i += N_LOCAL * n
     return total
 
 
 @eqx.filter_jit
 def _responses(scene: Scene, stacks, grid: ModelGrid):
-    """Per stack: (K_e [e, 4, g], N_e^-1 [e, 4, 4]) at ``scene``."""
+    """Per stack: (K_e [e, 5, g], N_e^-1 [e, 5, 5]) at ``scene``."""
     glob = scene.glob
     out = []
     for loc, st in zip(scene.local, stacks):
@@ -197,7 +199,7 @@ def _responses(scene: Scene, stacks, grid: ModelGrid):
             l, ep, c = args
             f = lambda g: render_epoch(host_spectrum(g, grid), g, l, ep, grid)  # noqa: E731
             _, vjp = jax.vjp(f, glob)
-            return jax.vmap(lambda ci: ravel_pytree(vjp(ci)[0])[0], in_axes=-1)(c)  # [4, g]
+            return jax.vmap(lambda ci: ravel_pytree(vjp(ci)[0])[0], in_axes=-1)(c)  # [5, g]
 
         bt = batched(one, st.n_epochs)((loc, st, cots))
         out.append((jnp.einsum("eab,ebg->eag", p["ninv"], bt), p["ninv"]))
@@ -230,7 +232,7 @@ def whitening(scene: Scene, stacks, grid: ModelGrid, pa: PriorArrays, *, dense_m
         # a flux pinned to zero (reference epoch) stays exactly zero
         dead[:, 0] |= np.asarray(st.free_flux * st.valid) == 0
         live = (~dead).astype(float)
-        sub = ninv * live[:, :, None] * live[:, None, :] + np.eye(4) * dead[:, :, None]
+        sub = ninv * live[:, :, None] * live[:, None, :] + np.eye(N_LOCAL) * dead[:, :, None]
         chol = np.linalg.cholesky(sub) * live[:, :, None] * live[:, None, :]
         response.append(jnp.asarray(np.asarray(k) * live[:, :, None]))
         local_chol.append(jnp.asarray(chol))
@@ -355,6 +357,6 @@ def sample_posterior(scene: Scene, stacks, grid: ModelGrid, pa: PriorArrays, *, 
     flux_draws[~(np.concatenate([np.asarray(st.free_flux * st.valid) for st in stacks]) > 0)] = 0.0
     return PosteriorSamples(
         flux=flux_draws, position=pos.reshape(nc * nd, 2), rhat=rhat, ess=ess, position_rhat=pos_rhat,
-        position_ess=pos_ess, n_chains=nc, n_divergent=n_div, n_draws=nc * nd, step_size=step,
+        position_ess=pos_ess, n_chains=nc, n_params=n, n_divergent=n_div, n_draws=nc * nd, step_size=step,
         mean_tree_depth=depth, seconds=seconds, converged=not problems, problems=tuple(problems),
     )

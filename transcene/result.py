@@ -176,7 +176,8 @@ class FitResult:
             mag_lim = np.where(ref, np.nan, NJY_AB_ZEROPOINT - 2.5 * np.log10(3 * err))
         chi2_all = np.concatenate(self.chi2)[self._slots()]
         n_pix = np.asarray(t["n_pixels"], float)
-        n_local = np.where(ref, 3, 4)
+        zp_free = self._zp_free()
+        n_local = np.where(ref, 3, 4) + zp_free
         chi2_dof = chi2_all / np.maximum(n_pix - n_local, 1)
         flags = np.zeros(len(t), int)
         flags |= np.where(ref, int(Flag.REFERENCE), 0)
@@ -209,6 +210,9 @@ class FitResult:
         out["sky"] = loc[:, 1] * u.nJy / u.pix
         out["shift_ra"] = loc[:, 2] * u.arcsec
         out["shift_dec"] = loc[:, 3] * u.arcsec
+        if zp_free.any():
+            with np.errstate(invalid="ignore"):
+                out["zp_offset"] = np.where(zp_free, -2.5 * np.log10(1.0 + loc[:, 4]), 0.0) * u.mag
         out["is_reference"] = ref
         if post is not None:
             out["flux_rhat"] = np.ma.masked_invalid(post.rhat[self._slots()])
@@ -223,6 +227,8 @@ class FitResult:
             "flux_lo/flux_hi are the 16th/84th posterior percentiles; mag_lim is the 3-sigma limit; "
             "psf_fwhm the epoch's PSF FWHM in arcsec; sky in nJy/pixel; "
             "shift_ra/shift_dec the fitted astrometric shift of the epoch"
+            + ("; zp_offset the fitted error of the epoch's zero point (written minus true, mag; the fluxes "
+               "are already corrected for it)" if self._zp_free().any() else "")
             + ("; flux_rhat/flux_ess: split R-hat and bulk effective sample size of the NUTS draws" if post else "")
         )
         return out
@@ -246,6 +252,13 @@ class FitResult:
         shift = np.asarray(self.scene.local[int(row["stack"])][k])[2:4]
         p = np.asarray(st.p0[k]) + np.asarray(st.amat[k]) @ (self.transient_offset + shift)
         return float(p[0]), float(p[1])
+
+    def _zp_free(self) -> np.ndarray:
+        """Per epoch (input order): whether its zero point was a free nuisance."""
+        from .dataset import PINNED
+
+        prec = np.concatenate([np.asarray(st.zp_prec) for st in self.dataset.stacks])[self._slots()]
+        return prec < PINNED
 
     def _masked_at_transient(self) -> np.ndarray:
         ds = self.dataset

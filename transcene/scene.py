@@ -4,8 +4,10 @@ Parameters split in two:
 
 - global (``SceneGlobal``): the host, the transient's position (arcsec offsets from the target),
   static point sources (positions and per-band fluxes);
-- local, one row per epoch (``[flux, sky, shift_xi, shift_eta]``): the transient flux (nJy),
-  the sky level (nJy per pixel) and the astrometric shift (arcsec) of that epoch.
+- local, one row per epoch (``[flux, sky, shift_xi, shift_eta, zp]``): the transient flux (nJy),
+  the sky level (nJy per pixel), the astrometric shift (arcsec) and the zero-point error (a
+  fractional calibration factor ``1 + zp`` on everything but the sky; pinned at 0 unless the
+  dataset has a zero-point prior) of that epoch.
 
 Data live in the ``Dataset``; nothing here closes over data arrays.
 """
@@ -23,8 +25,10 @@ from .render import batched, host_on_epoch, point_sources
 
 __all__ = ["SceneGlobal", "Scene", "render_stack", "LOCAL_FLUX", "LOCAL_SKY", "N_LOCAL"]
 
-LOCAL_FLUX, LOCAL_SKY, LOCAL_SHIFT = 0, 1, slice(2, 4)
-N_LOCAL = 4
+LOCAL_FLUX, LOCAL_SKY, LOCAL_SHIFT, LOCAL_ZP = 0, 1, slice(2, 4), 4
+#: the local parameters that enter the model non-linearly (shifts, zero point)
+LOCAL_NONLINEAR = slice(2, 5)
+N_LOCAL = 5
 
 
 class SceneGlobal(eqx.Module):
@@ -37,14 +41,14 @@ class SceneGlobal(eqx.Module):
 
 
 class Scene(eqx.Module):
-    """Global parameters plus one ``[flux, sky, shift_xi, shift_eta]`` row per epoch per stack."""
+    """Global parameters plus one ``[flux, sky, shift_xi, shift_eta, zp]`` row per epoch per stack."""
 
     glob: SceneGlobal
-    local: tuple[Float[Array, "epoch 4"], ...]
+    local: tuple[Float[Array, "epoch 5"], ...]
 
 
 def render_epoch(
-    host_ft: Array, glob: SceneGlobal, loc: Float[Array, "4"], ep: EpochStack, grid: ModelGrid
+    host_ft: Array, glob: SceneGlobal, loc: Float[Array, "5"], ep: EpochStack, grid: ModelGrid
 ) -> Float[Array, "y x"]:
     """Model image (nJy per pixel) of one epoch (``ep`` without its epoch axis)."""
     band = ep.band.astype(jnp.int32)
@@ -53,14 +57,14 @@ def render_epoch(
     offsets = jnp.concatenate([glob.position[None, :], glob.star_position], axis=0)
     fluxes = jnp.concatenate([loc[LOCAL_FLUX][None], glob.star_flux[:, band]])
     img = img + point_sources(ep, offsets, fluxes, shift)
-    return img + loc[LOCAL_SKY]
+    return ep.scale * (1.0 + loc[LOCAL_ZP]) * img + loc[LOCAL_SKY]
 
 
 def host_spectrum(glob: SceneGlobal, grid: ModelGrid) -> Array:
     return jnp.fft.rfft2(glob.host.images(grid))
 
 
-def render_stack(glob: SceneGlobal, local: Float[Array, "epoch 4"], stack: EpochStack, grid: ModelGrid) -> Array:
+def render_stack(glob: SceneGlobal, local: Float[Array, "epoch 5"], stack: EpochStack, grid: ModelGrid) -> Array:
     """Model images ``[epoch, y, x]`` of every epoch in ``stack``."""
     host_ft = host_spectrum(glob, grid)
     fn = lambda args: render_epoch(host_ft, glob, args[0], args[1], grid)  # noqa: E731
@@ -70,7 +74,7 @@ def render_stack(glob: SceneGlobal, local: Float[Array, "epoch 4"], stack: Epoch
 def local_jacobian(glob: SceneGlobal, local: Array, stack: EpochStack, grid: ModelGrid) -> tuple[Array, Array]:
     """Model images and their derivatives with respect to each epoch's local parameters.
 
-    Returns ``(model [e, y, x], jac [e, y, x, 4])``.
+    Returns ``(model [e, y, x], jac [e, y, x, 5])``.
     """
     host_ft = host_spectrum(glob, grid)
 

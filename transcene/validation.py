@@ -37,7 +37,7 @@ def crb_at_truth(result: FitResult, truth: Table) -> np.ndarray:
     local = []
     for s_idx, loc in enumerate(scene.local):
         loc = np.array(loc)
-        loc[:, 2:] = 0.0
+        loc[:, 2:] = 0.0  # shifts and zero-point errors
         rows = np.flatnonzero(np.asarray(ds.epochs["stack"]) == s_idx)
         loc[np.asarray(ds.epochs["slot"])[rows], 0] = true_flux[rows]
         local.append(jnp.asarray(loc))
