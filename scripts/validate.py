@@ -66,6 +66,7 @@ class Cell:
     changes: dict
     systematic: str = ""
     fit_options: dict = dataclasses.field(default_factory=dict)  # to ts.fit
+    dataset_options: dict = dataclasses.field(default_factory=dict)  # to ts.make_dataset
     outliers: dict | None = None  # to simulate.add_outliers (near: the transient)
 
     @property
@@ -92,6 +93,14 @@ CELLS = [
     Cell("sys", "psf1.5%", {"psf_fwhm_error": 0.015}, systematic="PSF width"),
     Cell("sys", "misreg75mas", {"wcs_jitter_arcsec": 0.075}, systematic="misregistration"),
     Cell("sys", "zp5mmag", {"zeropoint_jitter": 0.005}, systematic="zero point"),
+    Cell("sys", "zp5mmag-nuis", {"zeropoint_jitter": 0.005}, systematic="zero point (nuisance on)",
+         dataset_options={"zp_jitter": 0.005}),
+    # a bright host (15 mag) magnifies zero-point errors: the nuisance off and on
+    Cell("sys", "zp20mmag-sb15", {"zeropoint_jitter": 0.02, "host_mag": 15.0}, systematic="zero point, bright host"),
+    Cell("sys", "zp20mmag-sb15-nuis", {"zeropoint_jitter": 0.02, "host_mag": 15.0},
+         systematic="zero point, bright host (nuisance on)", dataset_options={"zp_jitter": 0.02}),
+    # the zero-point nuisance on clean data: what it costs when it is not needed
+    Cell("likelihood", "zp-nuis", {}, dataset_options={"zp_jitter": 0.005}),
     # cosmic rays (one within 3 px of the transient per epoch, ~2 elsewhere) and bad columns in
     # 20 % of the epochs, fitted with the Student-t likelihood; the same data fitted as Gaussian
     Cell("sys", "cosmics-t5", {}, systematic="outliers (Student-t 5)", fit_options={"student_t": 5.0},
@@ -143,7 +152,7 @@ def run_one(cell: Cell, mode: dict, seed: int) -> tuple[Table, dict]:
         # expected in some cells (no references; low S/N); the cell table reports the outcome
         warnings.simplefilter("ignore", ts.errors.ConvergenceWarning)
         warnings.simplefilter("ignore", ts.errors.BaselineWarning)
-        res = ts.fit(ts.make_dataset(eps, target), **cell.fit_options)
+        res = ts.fit(ts.make_dataset(eps, target, **cell.dataset_options), **cell.fit_options)
     elapsed = time.perf_counter() - t0
     crb = crb_at_truth(res, truth)
     lc = res.lightcurve()

@@ -39,6 +39,7 @@ def fit_files(
     fit_radius: float | None = None,
     shift_prior: float = 0.1,
     zp_jitter: float = 0.0,
+    psf_width_jitter: float = 0.0,
     progress: Callable[[int, int, str], None] | None = None,
     **fit_options,
 ) -> FitResult:
@@ -46,6 +47,7 @@ def fit_files(
 
     ``shift_prior``: prior width (arcsec) of each epoch's astrometric shift (0: no shifts).
     ``zp_jitter``: prior width (mag) of each epoch's zero-point error (0: zero points exact).
+    ``psf_width_jitter``: prior width of each epoch's fractional PSF FWHM error (0: PSFs exact).
     ``fit_options`` go to :func:`transcene.fit` (``method``, ``max_iter``, ``priors``, ...).
     """
     epochs = read_epochs(paths, target=target)
@@ -53,7 +55,7 @@ def fit_files(
         target = default_target(epochs)
         log.info("target defaults to the centre of the first epoch: %s", target.to_string("hmsdms"))
     ds = make_dataset(epochs, target, fit_radius=fit_radius, zero_before=zero_before, shift_prior=shift_prior,
-                      zp_jitter=zp_jitter)
+                      zp_jitter=zp_jitter, psf_width_jitter=psf_width_jitter)
     return fit(ds, host=host, progress=progress, **fit_options)
 
 
@@ -158,6 +160,7 @@ def lightcurve(
     fit_radius: float | None = None,
     shift_prior: float | None = None,
     zp_jitter: float = 0.0,
+    psf_width_jitter: float = 0.0,
     fetch_progress: Callable | None = None,
     progress: Callable[[int, int, str], None] | None = None,
     config=None,
@@ -170,7 +173,8 @@ def lightcurve(
 
     ``shift_prior`` (arcsec) defaults to the largest ``astrometric_precision_arcsec`` of the
     surveys used; ``zp_jitter`` (mag, default 0: off) is the prior width of each epoch's zero-point
-    error (see :func:`~transcene.dataset.make_dataset`). Raises :class:`~transcene.errors.DatasetError` when no epoch could be fetched.
+    error and ``psf_width_jitter`` (default 0: off) of its fractional PSF FWHM error (see
+    :func:`~transcene.dataset.make_dataset`). Raises :class:`~transcene.errors.DatasetError` when no epoch could be fetched.
     """
     from .errors import DatasetError
     from .surveys import fetch_epochs, load_descriptors
@@ -188,6 +192,6 @@ def lightcurve(
         shift_prior = max((d.astrometric_precision_arcsec for n, d in descriptors.items() if n in used), default=0.1)
         log.info("shift prior %.3f arcsec (the surveys' astrometric precision)", shift_prior)
     ds = make_dataset(report.epochs, coord, fit_radius=fit_radius, zero_before=zero_before, shift_prior=shift_prior,
-                      zp_jitter=zp_jitter)
+                      zp_jitter=zp_jitter, psf_width_jitter=psf_width_jitter)
     result = fit(ds, host=host, progress=progress, **fit_options)
     return LightCurveRun(result, report)

@@ -154,6 +154,8 @@ def fit_cmd(
     shift_prior: float = typer.Option(0.1, help="Prior width of each epoch's astrometric shift, arcsec (0: no shifts)."),
     zp_jitter: float = typer.Option(0.0, help="Prior rms of each epoch's zero-point error, mag (e.g. 0.01); 0: zero "
                                     "points taken as exact. Fits a calibration factor per epoch against the host."),
+    psf_width_jitter: float = typer.Option(0.0, help="Prior rms of each epoch's fractional PSF FWHM error (e.g. 0.02); "
+                                           "0: PSFs taken as exact. Fits a PSF-width change per epoch."),
     max_iter: int = typer.Option(50, help="Gauss-Newton iterations before the fit is declared not converged."),
     student_t: Optional[float] = typer.Option(None, help="Student-t pixel likelihood with this many degrees of freedom "
                                               "(e.g. 5) for cosmic rays and bad columns the masks missed; "
@@ -184,7 +186,7 @@ def fit_cmd(
 
             target = parse_coord(ra, dec)
         code = _run_fit(epoch_files, target, zero_before, host, output, scene_out, plot, fit_radius, verbose, quiet,
-                        method=method, shift_prior=shift_prior, zp_jitter=zp_jitter, max_iter=max_iter, null_test=null_test, student_t=student_t,
+                        method=method, shift_prior=shift_prior, zp_jitter=zp_jitter, psf_width_jitter=psf_width_jitter, max_iter=max_iter, null_test=null_test, student_t=student_t,
                         **_nuts_options(method, nuts_samples, nuts_warmup, nuts_chains, seed, force))
     except typer.Exit:
         raise
@@ -408,6 +410,8 @@ def lightcurve_cmd(
                                                 "(default: the surveys' astrometric precision)."),
     zp_jitter: float = typer.Option(0.0, help="Prior rms of each epoch's zero-point error, mag (e.g. 0.01); 0: zero "
                                     "points taken as exact. Fits a calibration factor per epoch against the host."),
+    psf_width_jitter: float = typer.Option(0.0, help="Prior rms of each epoch's fractional PSF FWHM error (e.g. 0.02); "
+                                           "0: PSFs taken as exact. Fits a PSF-width change per epoch."),
     max_iter: int = typer.Option(50, help="Gauss-Newton iterations before the fit is declared not converged."),
     student_t: Optional[float] = typer.Option(None, help="Student-t pixel likelihood with this many degrees of freedom."),
     nuts_samples: int = typer.Option(1000, help="--method nuts: draws per chain after warm-up."),
@@ -436,7 +440,7 @@ def lightcurve_cmd(
             run = lightcurve(coord, surveys=surveys, bands=band_list, start=start, end=end, size_pix=size,
                              refresh=refresh, local_dir=directory, zero_before=zero_before, host=host,
                              fit_radius=fit_radius, shift_prior=shift_prior, zp_jitter=zp_jitter,
-                             fetch_progress=display,
+                             psf_width_jitter=psf_width_jitter, fetch_progress=display,
                              progress=_progress(quiet), method=method, max_iter=max_iter, student_t=student_t,
                              **_nuts_options(method, nuts_samples, nuts_warmup, nuts_chains, seed, force))
         result, report = run.result, run.report

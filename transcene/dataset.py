@@ -38,6 +38,8 @@ PINNED = 1e16
 #: default fitted half-side: this many times the largest PSF FWHM, at least DEFAULT_RADIUS_MIN arcsec
 DEFAULT_RADIUS_FWHM = 4.0
 DEFAULT_RADIUS_MIN = 8.0
+#: FWHM / sigma of a Gaussian
+FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
 
 
 class EpochStack(eqx.Module):
@@ -59,6 +61,8 @@ class EpochStack(eqx.Module):
     valid: Float[Array, "epoch"]
     shift_prec: Float[Array, "epoch"]
     zp_prec: Float[Array, "epoch"]  # prior precision of the zero-point nuisance (PINNED: off)
+    psf_prec: Float[Array, "epoch"]  # prior precision of the PSF-width nuisance (PINNED: off)
+    psf_var: Float[Array, "epoch"]  # the PSF's sigma^2 in arcsec^2 (Gaussian-equivalent, from its FWHM)
     scale: Float[Array, "epoch"]  # calibration factor fixed into the epoch (1; a frozen fit's zero point)
 
     def __check_init__(self):
@@ -170,6 +174,7 @@ def make_dataset(
     zero_before: float | None = None,
     shift_prior: float = 0.1,
     zp_jitter: float = 0.0,
+    psf_width_jitter: float = 0.0,
     pad_epochs: bool = True,
 ) -> Dataset:
     """Stack ``epochs`` around ``target`` for fitting.
@@ -188,12 +193,19 @@ def make_dataset(
             ``1 + eps`` (prior sd ``0.4 ln(10) zp_jitter``) multiplying its whole scene but the sky,
             measured against the host that all epochs share; the fluxes are then calibrated to
             the epochs' common scale and their errors include the zero-point uncertainty.
+        psf_width_jitter: prior standard deviation of each epoch's fractional PSF-width error
+            (e.g. 0.02 for 2 % in FWHM); 0 (default) takes the PSFs as exact. When > 0 every epoch's
+            PSF is convolved with (or, for a negative value, deconvolved by) a Gaussian that
+            changes its FWHM by a free fraction ``w``: ``sigma^2 -> sigma^2 (1 + 2 w)``, exact for
+            Gaussian PSFs, a core-width change for others.
         pad_epochs: pad epoch counts to buckets (2^k or 1.5 x 2^k) so compiled programs are reused.
     """
     if len(epochs) == 0:
         raise DatasetError("no epochs to fit")
     if not (np.isfinite(zp_jitter) and zp_jitter >= 0):
         raise ValueError(f"zp_jitter must be a zero-point rms in mag >= 0; got {zp_jitter!r}")
+    if not (np.isfinite(psf_width_jitter) and 0 <= psf_width_jitter < 0.25):
+        raise ValueError(f"psf_width_jitter must be a fractional FWHM rms in [0, 0.25); got {psf_width_jitter!r}")
     if not (np.isfinite(shift_prior) and shift_prior >= 0):
         raise ValueError(f"shift_prior must be an rms in arcsec >= 0; got {shift_prior!r}")
     geo = []
@@ -336,6 +348,8 @@ def make_dataset(
         shift_prec = np.full(n_pad, 1.0 / shift_prior**2 if shift_prior > 0 else PINNED)
         zp_sd = 0.4 * math.log(10.0) * zp_jitter
         zp_prec = np.full(n_pad, 1.0 / zp_sd**2 if zp_sd > 0 else PINNED)
+        psf_prec = np.full(n_pad, 1.0 / psf_width_jitter**2 if psf_width_jitter > 0 else PINNED)
+        psf_var = np.zeros(n_pad)
         for slot, i in enumerate(members):
             it = items[i]
             ep = it["ep"]
@@ -355,6 +369,7 @@ def make_dataset(
             band[slot] = band_index[ep.band]
             free[slot] = 0.0 if refs[i] else 1.0
             valid[slot] = 1.0
+            psf_var[slot] = (psf_fwhm(ep.psf, ep.psf_oversample) * it["scale"] / FWHM_PER_SIGMA) ** 2
             if anchors[i]:
                 shift_prec[slot] = PINNED
             rows.append(
@@ -391,6 +406,8 @@ def make_dataset(
                 valid=jnp.asarray(valid),
                 shift_prec=jnp.asarray(shift_prec),
                 zp_prec=jnp.asarray(zp_prec),
+                psf_prec=jnp.asarray(psf_prec),
+                psf_var=jnp.asarray(psf_var),
                 scale=jnp.ones(n_pad),
             )
         )

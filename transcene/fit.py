@@ -224,15 +224,15 @@ def _student_t_final(scene: Scene, gaussian_stacks, grid, nu: float):
 
 
 def _uncertainties(method: str, scene: Scene, stacks, grid, pa):
-    """``(flux covariance [E, E], local conditional variances [E, 5], position covariance)``."""
+    """``(flux covariance [E, E], local conditional variances [E, 6], position covariance)``."""
     if method == "laplace":
         cov, local_var, pos_cov, _ = flux_covariance(scene, stacks, grid, pa)
     elif method == "linear":
-        scene0, frozen, pa_frozen = freeze_geometry(scene, stacks, pa)
+        scene0, frozen, pa_frozen = freeze_geometry(scene, stacks, pa, grid)
         cov, local_var, _, _ = flux_covariance(scene0, frozen, grid, pa_frozen)
         pos_cov = np.full((2, 2), np.nan)  # fixed, not estimated
     else:  # map
-        scene0, frozen, _ = freeze_geometry(scene, stacks, pa)
+        scene0, frozen, _ = freeze_geometry(scene, stacks, pa, grid)
         local_var = np.asarray(local_variances(scene0, frozen, grid))
         cov = np.diag(local_var[:, 0])
         pos_cov = np.full((2, 2), np.nan)
@@ -388,7 +388,7 @@ def fit(
         # Phase 2: geometry frozen (the shifts baked into the epochs' reference pixels, the
         # position priors centred on the current positions and made rigid), the linear
         # parameters solved exactly in one step.
-        scene0, frozen, pa_frozen = freeze_geometry(scene, stacks, pa)
+        scene0, frozen, pa_frozen = freeze_geometry(scene, stacks, pa, grid)
         solved, cg_it, cg_res = linear_solution(scene0, frozen, grid, pa_frozen)
         cg_total += cg_it
         _check_cg(cg_it, cg_res)
@@ -423,7 +423,7 @@ def fit(
             status = "nuts_not_converged" if status == "converged" else status
         cov = np.atleast_2d(np.cov(posterior.flux))
         pos_cov = np.atleast_2d(np.cov(posterior.position.T))
-        scene0, frozen, _ = freeze_geometry(scene, stacks, pa)
+        scene0, frozen, _ = freeze_geometry(scene, stacks, pa, grid)
         local_var = np.asarray(local_variances(scene0, frozen, grid))
     else:
         cov, local_var, pos_cov = _uncertainties(method, scene, cov_stacks, grid, pa)

@@ -9,7 +9,7 @@ Sampling thousands of strongly correlated parameters is only practical in coordi
 the posterior is close to a standard normal. With ``x`` the MAP and ``z`` the sampled vector,
 
     g = g_map + T_g z_g                          (global: host, positions)
-    l_e = l_map,e - K_e (g - g_map) + C_e z_e    (each epoch's [flux, sky, shift_xi, shift_eta, zp])
+    l_e = l_map,e - K_e (g - g_map) + C_e z_e    (each epoch's [flux, sky, shift_xi, shift_eta, zp, psf_width])
 
 where ``K_e = N_e^-1 B_e^T`` is how the epoch's local parameters follow the global ones (their
 conditional mean) and ``C_e C_e^T = N_e^-1`` their conditional covariance, both exact at the MAP
@@ -137,10 +137,10 @@ class Whitening(eqx.Module):
     """The affine map from the sampled vector ``z`` to the scene (module docstring)."""
 
     glob_map: Float[Array, " g"]  # flat global parameters at the MAP
-    local_map: tuple[Float[Array, "epoch 5"], ...]
-    response: tuple[Float[Array, "epoch 5 g"], ...]  # K_e
-    local_chol: tuple[Float[Array, "epoch 5 5"], ...]  # C_e (zero rows/columns where inert)
-    inert: tuple[Float[Array, "epoch 5"], ...]  # 1 where the coordinate moves nothing
+    local_map: tuple[Float[Array, "epoch 6"], ...]
+    response: tuple[Float[Array, "epoch 6 g"], ...]  # K_e
+    local_chol: tuple[Float[Array, "epoch 6 6"], ...]  # C_e (zero rows/columns where inert)
+    inert: tuple[Float[Array, "epoch 6"], ...]  # 1 where the coordinate moves nothing
     dense_chol: Float[Array, "gd gd"]  # T_g when dense (else 0 x 0)
     host_scale: Float[Array, "band m mh"]  # Fourier amplitude of T_g on the host (else empty)
     small_chol: Float[Array, "s s"]  # T_g on the non-host globals in the Fourier mode
@@ -188,7 +188,7 @@ def _pseudo_prior(w: Whitening, z: Array) -> Array:
 
 @eqx.filter_jit
 def _responses(scene: Scene, stacks, grid: ModelGrid):
-    """Per stack: (K_e [e, 5, g], N_e^-1 [e, 5, 5]) at ``scene``."""
+    """Per stack: (K_e [e, 6, g], N_e^-1 [e, 6, 6]) at ``scene``."""
     glob = scene.glob
     out = []
     for loc, st in zip(scene.local, stacks):
@@ -199,7 +199,7 @@ def _responses(scene: Scene, stacks, grid: ModelGrid):
             l, ep, c = args
             f = lambda g: render_epoch(host_spectrum(g, grid), g, l, ep, grid)  # noqa: E731
             _, vjp = jax.vjp(f, glob)
-            return jax.vmap(lambda ci: ravel_pytree(vjp(ci)[0])[0], in_axes=-1)(c)  # [5, g]
+            return jax.vmap(lambda ci: ravel_pytree(vjp(ci)[0])[0], in_axes=-1)(c)  # [6, g]
 
         bt = batched(one, st.n_epochs)((loc, st, cots))
         out.append((jnp.einsum("eab,ebg->eag", p["ninv"], bt), p["ninv"]))

@@ -176,8 +176,9 @@ class FitResult:
             mag_lim = np.where(ref, np.nan, NJY_AB_ZEROPOINT - 2.5 * np.log10(3 * err))
         chi2_all = np.concatenate(self.chi2)[self._slots()]
         n_pix = np.asarray(t["n_pixels"], float)
-        zp_free = self._zp_free()
-        n_local = np.where(ref, 3, 4) + zp_free
+        zp_free = self._nuisance_free("zp_prec")
+        psf_free = self._nuisance_free("psf_prec")
+        n_local = np.where(ref, 3, 4) + zp_free + psf_free
         chi2_dof = chi2_all / np.maximum(n_pix - n_local, 1)
         flags = np.zeros(len(t), int)
         flags |= np.where(ref, int(Flag.REFERENCE), 0)
@@ -213,6 +214,9 @@ class FitResult:
         if zp_free.any():
             with np.errstate(invalid="ignore"):
                 out["zp_offset"] = np.where(zp_free, -2.5 * np.log10(1.0 + loc[:, 4]), 0.0) * u.mag
+        if psf_free.any():
+            with np.errstate(invalid="ignore"):
+                out["psf_width_offset"] = np.where(psf_free, np.sqrt(1.0 + 2.0 * loc[:, 5]) - 1.0, 0.0)
         out["is_reference"] = ref
         if post is not None:
             out["flux_rhat"] = np.ma.masked_invalid(post.rhat[self._slots()])
@@ -228,7 +232,9 @@ class FitResult:
             "psf_fwhm the epoch's PSF FWHM in arcsec; sky in nJy/pixel; "
             "shift_ra/shift_dec the fitted astrometric shift of the epoch"
             + ("; zp_offset the fitted error of the epoch's zero point (written minus true, mag; the fluxes "
-               "are already corrected for it)" if self._zp_free().any() else "")
+               "are already corrected for it)" if self._nuisance_free("zp_prec").any() else "")
+            + ("; psf_width_offset the fitted fractional FWHM error of the epoch's PSF (true / given - 1)"
+               if self._nuisance_free("psf_prec").any() else "")
             + ("; flux_rhat/flux_ess: split R-hat and bulk effective sample size of the NUTS draws" if post else "")
         )
         return out
@@ -253,11 +259,12 @@ class FitResult:
         p = np.asarray(st.p0[k]) + np.asarray(st.amat[k]) @ (self.transient_offset + shift)
         return float(p[0]), float(p[1])
 
-    def _zp_free(self) -> np.ndarray:
-        """Per epoch (input order): whether its zero point was a free nuisance."""
+    def _nuisance_free(self, field: str) -> np.ndarray:
+        """Per epoch (input order): whether the nuisance whose prior precision is the stacks'
+        ``field`` (``zp_prec``, ``psf_prec``) was free."""
         from .dataset import PINNED
 
-        prec = np.concatenate([np.asarray(st.zp_prec) for st in self.dataset.stacks])[self._slots()]
+        prec = np.concatenate([np.asarray(getattr(st, field)) for st in self.dataset.stacks])[self._slots()]
         return prec < PINNED
 
     def _masked_at_transient(self) -> np.ndarray:

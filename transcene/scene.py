@@ -4,10 +4,11 @@ Parameters split in two:
 
 - global (``SceneGlobal``): the host, the transient's position (arcsec offsets from the target),
   static point sources (positions and per-band fluxes);
-- local, one row per epoch (``[flux, sky, shift_xi, shift_eta, zp]``): the transient flux (nJy),
-  the sky level (nJy per pixel), the astrometric shift (arcsec) and the zero-point error (a
-  fractional calibration factor ``1 + zp`` on everything but the sky; pinned at 0 unless the
-  dataset has a zero-point prior) of that epoch.
+- local, one row per epoch (``[flux, sky, shift_xi, shift_eta, zp, psf_width]``): the transient
+  flux (nJy), the sky level (nJy per pixel), the astrometric shift (arcsec), the zero-point error
+  (a fractional calibration factor ``1 + zp`` on everything but the sky) and the PSF-width error
+  (the PSF's sigma^2 times ``1 + 2 psf_width``) of that epoch. The last two are pinned at 0
+  unless the dataset has a prior for them.
 
 Data live in the ``Dataset``; nothing here closes over data arrays.
 """
@@ -25,10 +26,10 @@ from .render import batched, host_on_epoch, point_sources
 
 __all__ = ["SceneGlobal", "Scene", "render_stack", "LOCAL_FLUX", "LOCAL_SKY", "N_LOCAL"]
 
-LOCAL_FLUX, LOCAL_SKY, LOCAL_SHIFT, LOCAL_ZP = 0, 1, slice(2, 4), 4
-#: the local parameters that enter the model non-linearly (shifts, zero point)
-LOCAL_NONLINEAR = slice(2, 5)
-N_LOCAL = 5
+LOCAL_FLUX, LOCAL_SKY, LOCAL_SHIFT, LOCAL_ZP, LOCAL_PSF = 0, 1, slice(2, 4), 4, 5
+#: the local parameters that enter the model non-linearly (shifts, zero point, PSF width)
+LOCAL_NONLINEAR = slice(2, 6)
+N_LOCAL = 6
 
 
 class SceneGlobal(eqx.Module):
@@ -41,17 +42,18 @@ class SceneGlobal(eqx.Module):
 
 
 class Scene(eqx.Module):
-    """Global parameters plus one ``[flux, sky, shift_xi, shift_eta, zp]`` row per epoch per stack."""
+    """Global parameters plus one ``[flux, sky, shift_xi, shift_eta, zp, psf_width]`` row per epoch per stack."""
 
     glob: SceneGlobal
-    local: tuple[Float[Array, "epoch 5"], ...]
+    local: tuple[Float[Array, "epoch 6"], ...]
 
 
 def render_epoch(
-    host_ft: Array, glob: SceneGlobal, loc: Float[Array, "5"], ep: EpochStack, grid: ModelGrid
+    host_ft: Array, glob: SceneGlobal, loc: Float[Array, "6"], ep: EpochStack, grid: ModelGrid
 ) -> Float[Array, "y x"]:
     """Model image (nJy per pixel) of one epoch (``ep`` without its epoch axis)."""
     band = ep.band.astype(jnp.int32)
+    ep = with_psf_width(ep, loc[LOCAL_PSF], grid)
     shift = loc[LOCAL_SHIFT]
     img = host_on_epoch(host_ft[band], ep, grid, shift)
     offsets = jnp.concatenate([glob.position[None, :], glob.star_position], axis=0)
@@ -60,11 +62,33 @@ def render_epoch(
     return ep.scale * (1.0 + loc[LOCAL_ZP]) * img + loc[LOCAL_SKY]
 
 
+def with_psf_width(ep: EpochStack, width: Array, grid: ModelGrid) -> EpochStack:
+    """``ep`` (one epoch, or a stack with one ``width`` per epoch) with its PSF's sigma^2 times
+    ``1 + 2 width``: both PSF spectra times the Fourier transform of a Gaussian of variance
+    ``2 width sigma^2`` (a deconvolution for negative ``width``)."""
+    a = jnp.asarray(ep.amat)
+    w = jnp.asarray(width)[..., None, None]
+    var = 2.0 * w * jnp.asarray(ep.psf_var)[..., None, None]  # arcsec^2
+    nf = ep.psf_hat.shape[-2]
+    fy, fx = jnp.fft.fftfreq(nf)[:, None], jnp.fft.rfftfreq(nf)[None, :]
+    # pixel frequencies (cycles/px) to cycles/arcsec: k_sky = A^T k_px
+    kx = a[..., 0, 0, None, None] * fx + a[..., 1, 0, None, None] * fy
+    ky = a[..., 0, 1, None, None] * fx + a[..., 1, 1, None, None] * fy
+    psf_hat = ep.psf_hat * jnp.exp(-2.0 * jnp.pi**2 * var * (kx**2 + ky**2))
+    m = grid.size
+    gy, gx = jnp.fft.fftfreq(m)[:, None], jnp.fft.rfftfreq(m)[None, :]
+    t = grid.to_model
+    mx = t[0, 0] * gx + t[1, 0] * gy
+    my = t[0, 1] * gx + t[1, 1] * gy
+    q_hat = ep.q_hat * jnp.exp(-2.0 * jnp.pi**2 * var * (mx**2 + my**2))
+    return eqx.tree_at(lambda e: (e.psf_hat, e.q_hat), ep, (psf_hat, q_hat))
+
+
 def host_spectrum(glob: SceneGlobal, grid: ModelGrid) -> Array:
     return jnp.fft.rfft2(glob.host.images(grid))
 
 
-def render_stack(glob: SceneGlobal, local: Float[Array, "epoch 5"], stack: EpochStack, grid: ModelGrid) -> Array:
+def render_stack(glob: SceneGlobal, local: Float[Array, "epoch 6"], stack: EpochStack, grid: ModelGrid) -> Array:
     """Model images ``[epoch, y, x]`` of every epoch in ``stack``."""
     host_ft = host_spectrum(glob, grid)
     fn = lambda args: render_epoch(host_ft, glob, args[0], args[1], grid)  # noqa: E731
@@ -74,7 +98,7 @@ def render_stack(glob: SceneGlobal, local: Float[Array, "epoch 5"], stack: Epoch
 def local_jacobian(glob: SceneGlobal, local: Array, stack: EpochStack, grid: ModelGrid) -> tuple[Array, Array]:
     """Model images and their derivatives with respect to each epoch's local parameters.
 
-    Returns ``(model [e, y, x], jac [e, y, x, 5])``.
+    Returns ``(model [e, y, x], jac [e, y, x, 6])``.
     """
     host_ft = host_spectrum(glob, grid)
 

@@ -83,7 +83,7 @@ def reference_null_test(scene, stacks, grid, pa, epochs) -> dict:
     freed_rows = [r for _, rows in tested.values() for r in rows]
     flux = cov = None
     if freed_rows:
-        scene0, frozen, pa_frozen = freeze_geometry(scene, stacks, pa)
+        scene0, frozen, pa_frozen = freeze_geometry(scene, stacks, pa, grid)
         free_add = np.zeros(offs[-1])
         free_add[slot[freed_rows]] = 1.0
         freed = tuple(

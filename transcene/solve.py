@@ -2,7 +2,7 @@
 
 The model is linear in the host pixels, fluxes and sky levels and mildly non-linear in the
 positions and shifts. Each Gauss-Newton step solves the normal equations of *all* parameters
-at once: every epoch's local block ``[flux, sky, shift, zp]`` (5 x 5) is eliminated in closed form
+at once: every epoch's local block ``[flux, sky, shift, zp, psf_width]`` (6 x 6) is eliminated in closed form
 (Schur complement), and the reduced system in the global parameters (host pixels, transient
 position, static sources) is solved by preconditioned conjugate gradients, matrix-free through
 JAX's ``linearize``/``linear_transpose`` (or densely when it is small, e.g. a Sersic host). The
@@ -28,8 +28,8 @@ from jax.flatten_util import ravel_pytree
 from .dataset import PINNED, Dataset, EpochStack, ModelGrid
 from .host import PixelHost, SersicHost, host_prior_spectrum
 from .render import batched
-from .scene import LOCAL_NONLINEAR, LOCAL_SHIFT, LOCAL_ZP, Scene, SceneGlobal, host_spectrum, local_jacobian, \
-    render_epoch, render_stack
+from .scene import LOCAL_NONLINEAR, LOCAL_PSF, LOCAL_SHIFT, LOCAL_ZP, Scene, SceneGlobal, host_spectrum, local_jacobian, \
+    render_epoch, render_stack, with_psf_width
 
 __all__ = ["Priors", "objective", "gauss_newton_step", "flux_covariance", "local_variances", "PriorArrays",
            "prior_arrays", "posterior_energy", "freeze_geometry", "keep_linear", "linear_solution",
@@ -129,10 +129,10 @@ def global_prior(glob: SceneGlobal, pa: PriorArrays, grid: ModelGrid) -> jax.Arr
 
 
 def _local_prec(stack: EpochStack) -> jax.Array:
-    """Prior precision of [flux, sky, shift_xi, shift_eta, zp]: flux pinned to 0 where not free."""
+    """Prior precision of [flux, sky, shift_xi, shift_eta, zp, psf_width]: flux pinned to 0 where not free."""
     pinned = 1.0 - stack.free_flux * stack.valid
     z = jnp.zeros_like(pinned)
-    return jnp.stack([pinned, z, stack.shift_prec, stack.shift_prec, stack.zp_prec], axis=-1)
+    return jnp.stack([pinned, z, stack.shift_prec, stack.shift_prec, stack.zp_prec, stack.psf_prec], axis=-1)
 
 
 def _chi2_terms(scene: Scene, stacks: tuple[EpochStack, ...], grid: ModelGrid) -> tuple[jax.Array, ...]:
@@ -170,15 +170,17 @@ def posterior_energy(scene: Scene, stacks, grid: ModelGrid, pa: PriorArrays, chi
     return _posterior_energy(scene, stacks, grid, pa, chi2)
 
 
-def freeze_geometry(scene: Scene, stacks, pa: PriorArrays):
+def freeze_geometry(scene: Scene, stacks, pa: PriorArrays, grid: ModelGrid):
     """The same problem with the geometry fixed at ``scene``: the shifts baked into the epochs'
-    reference pixels and the zero points into their scale (both then pinned at zero), the
+    reference pixels, the zero points into their scale and the PSF widths into their PSFs (all
+    then pinned at zero), the
     position priors centred on the current positions and made rigid. Returns ``(scene with zero
     shifts and zero points, stacks, prior arrays)``."""
     frozen = tuple(
-        eqx.tree_at(lambda s: (s.p0, s.shift_prec, s.scale, s.zp_prec), st,
+        eqx.tree_at(lambda s: (s.p0, s.shift_prec, s.scale, s.zp_prec, s.psf_prec), with_psf_width(st, loc[:, LOCAL_PSF], grid),
                     (st.p0 + jnp.einsum("eij,ej->ei", st.amat, loc[:, LOCAL_SHIFT]), jnp.full_like(st.shift_prec, PINNED),
-                     st.scale * (1.0 + loc[:, LOCAL_ZP]), jnp.full_like(st.zp_prec, PINNED)))
+                     st.scale * (1.0 + loc[:, LOCAL_ZP]), jnp.full_like(st.zp_prec, PINNED),
+                     jnp.full_like(st.psf_prec, PINNED)))
         for st, loc in zip(stacks, scene.local)
     )
     scene0 = Scene(glob=scene.glob, local=tuple(loc.at[:, LOCAL_NONLINEAR].set(0.0) for loc in scene.local))
@@ -264,7 +266,7 @@ def _local_blocks(loc, st: EpochStack, glob: SceneGlobal, grid: ModelGrid):
 
 @eqx.filter_jit
 def local_variances(scene: Scene, stacks, grid: ModelGrid) -> jax.Array:
-    """Variances ``[E, 5]`` of each epoch's ``[flux, sky, shift, zp]`` conditional on the global
+    """Variances ``[E, 6]`` of each epoch's ``[flux, sky, shift, zp, psf_width]`` conditional on the global
     parameters (host, positions) at ``scene``; stacks concatenated, padded slots included."""
     return jnp.concatenate([jax.vmap(jnp.diag)(_local_blocks(loc, st, scene.glob, grid)["ninv"])
                             for loc, st in zip(scene.local, stacks)], axis=0)
@@ -393,7 +395,7 @@ def gauss_newton_step(scene: Scene, stacks, grid: ModelGrid, pa: PriorArrays, to
     """One Gauss-Newton step for all parameters; ``tol``: CG relative residual (pass an array
     to reuse the compiled step for other values).
 
-    Returns (step as a Scene, conditional variances ``[e, 5]`` of the local parameters per stack,
+    Returns (step as a Scene, conditional variances ``[e, 6]`` of the local parameters per stack,
     cg iterations, cg residual).
     """
     sysd = _build(scene, stacks, grid, pa)
@@ -460,7 +462,7 @@ def flux_covariance(scene: Scene, stacks, grid: ModelGrid, pa: PriorArrays, *, p
     (Loewner order), so an error it makes is a slight underestimate. CG errors enter these
     quadratic forms squared, hence ``tol``.
 
-    Returns ``(cov [E, E], local_var [E, 5], position_cov [2, 2], cg_iterations)`` where E is the
+    Returns ``(cov [E, E], local_var [E, 6], position_cov [2, 2], cg_iterations)`` where E is the
     total number of (padded) epoch slots in stack order.
     """
     # epochs whose flux is free (the z rows of the others are exactly zero)
