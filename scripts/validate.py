@@ -91,6 +91,12 @@ CELLS = [
     Cell("host", "hst", {"host": f"image:{HST}"}),
     Cell("host", "hsc-blend", {"host": f"image:{HSC_BLEND_HST}", "host_mag": 17.0}),
     Cell("sys", "psf1.5%", {"psf_fwhm_error": 0.015}, systematic="PSF width"),
+    Cell("sys", "psf1.5%-nuis", {"psf_fwhm_error": 0.015}, systematic="PSF width (nuisance on)",
+         dataset_options={"psf_width_jitter": 0.015}),
+    # a bright transient (17 mag) magnifies PSF-width errors: the nuisance off and on
+    Cell("sys", "psf2%-snr17", {"psf_fwhm_error": 0.02, "transient_peak_mag": 17.0}, systematic="PSF width, bright"),
+    Cell("sys", "psf2%-snr17-nuis", {"psf_fwhm_error": 0.02, "transient_peak_mag": 17.0},
+         systematic="PSF width, bright (nuisance on)", dataset_options={"psf_width_jitter": 0.02}),
     Cell("sys", "misreg75mas", {"wcs_jitter_arcsec": 0.075}, systematic="misregistration"),
     Cell("sys", "zp5mmag", {"zeropoint_jitter": 0.005}, systematic="zero point"),
     Cell("sys", "zp5mmag-nuis", {"zeropoint_jitter": 0.005}, systematic="zero point (nuisance on)",
