@@ -123,8 +123,9 @@ class PosteriorSamples:
             "divergent": self.n_divergent,
             "step_size": round(float(self.step_size), 5),
             "mean_tree_depth": round(float(self.mean_tree_depth), 2),
-            "max_rhat": float(np.max(self.rhat[free])) if free.any() else None,
-            "min_ess": float(np.min(self.ess[free])) if free.any() else None,
+            # over every free flux and the two position offsets (what the convergence test uses)
+            "max_rhat": float(np.max(np.concatenate([self.rhat[free], self.position_rhat]))),
+            "min_ess": float(np.min(np.concatenate([self.ess[free], self.position_ess]))),
             "position_rhat": [float(v) for v in self.position_rhat],
             "position_ess": [float(v) for v in self.position_ess],
             "seconds": round(self.seconds, 2),

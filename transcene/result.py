@@ -116,8 +116,8 @@ class FitResult:
         t.meta["NCHAINS"] = d["chains"]
         t.meta["NDRAWS"] = d["draws"]
         t.meta["NDIVERG"] = d["divergent"]
-        t.meta["MAXRHAT"] = d["max_rhat"] if d["max_rhat"] is not None else "none"
-        t.meta["MINESS"] = d["min_ess"] if d["min_ess"] is not None else "none"
+        t.meta["MAXRHAT"] = d["max_rhat"]
+        t.meta["MINESS"] = d["min_ess"]
         t.meta["CONVERGD"] = d["converged"]
         return t
 
