@@ -206,6 +206,9 @@ def make_dataset(
         raise ValueError(f"zp_jitter must be a zero-point rms in mag >= 0; got {zp_jitter!r}")
     if not (np.isfinite(psf_width_jitter) and 0 <= psf_width_jitter < 0.25):
         raise ValueError(f"psf_width_jitter must be a fractional FWHM rms in [0, 0.25); got {psf_width_jitter!r}")
+    if psf_width_jitter > 0:
+        log.warning("psf_width_jitter is experimental: with a pixel host the fit may not converge "
+                    "(docs/model.md, robustness options)")
     if not (np.isfinite(shift_prior) and shift_prior >= 0):
         raise ValueError(f"shift_prior must be an rms in arcsec >= 0; got {shift_prior!r}")
     geo = []
