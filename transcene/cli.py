@@ -91,6 +91,19 @@ def _check_fit_options(host: str, method: str, student_t: float | None, shift_pr
         raise ValueError(f"need --shift-prior >= 0 (got {shift_prior}) and --max-iter >= 1 (got {max_iter})")
 
 
+# options shared by ``fit`` and ``lightcurve`` (one definition each)
+_ZP_JITTER = typer.Option(0.0, help="Prior rms of each epoch's zero-point error, mag (e.g. 0.01); 0: zero points "
+                          "taken as exact. Fits a calibration factor per epoch against the host.")
+_PSF_WIDTH_JITTER = typer.Option(0.0, help="Experimental. Prior rms of each epoch's fractional PSF FWHM error "
+                                 "(e.g. 0.02); 0: PSFs taken as exact. Fits a PSF-width change per epoch.")
+_NUTS_SAMPLES = typer.Option(1000, help="--method nuts: draws per chain after warm-up.")
+_NUTS_WARMUP = typer.Option(500, help="--method nuts: warm-up (adaptation) draws per chain.")
+_NUTS_CHAINS = typer.Option(2, help="--method nuts: chains (R-hat needs at least 2).")
+_SEED = typer.Option(0, help="--method nuts: random seed (a run is reproducible given it).")
+_FORCE = typer.Option(False, help="--method nuts: write the light curve even if the chains did not converge "
+                      "(rows flagged NOT_CONVERGED); without it the command fails.")
+
+
 def _nuts_options(method: str, samples: int, warmup: int, chains: int, seed: int, force: bool) -> dict:
     """``fit`` keyword arguments for ``--method nuts`` (none otherwise)."""
     if method != "nuts":
@@ -152,22 +165,19 @@ def fit_cmd(
                                "linear (geometry fixed at the MAP), nuts (posterior draws; slow: minutes for "
                                "a few epochs) or map (conditional, quick look)."),
     shift_prior: float = typer.Option(0.1, help="Prior width of each epoch's astrometric shift, arcsec (0: no shifts)."),
-    zp_jitter: float = typer.Option(0.0, help="Prior rms of each epoch's zero-point error, mag (e.g. 0.01); 0: zero "
-                                    "points taken as exact. Fits a calibration factor per epoch against the host."),
-    psf_width_jitter: float = typer.Option(0.0, help="Prior rms of each epoch's fractional PSF FWHM error (e.g. 0.02); "
-                                           "0: PSFs taken as exact. Fits a PSF-width change per epoch."),
+    zp_jitter: float = _ZP_JITTER,
+    psf_width_jitter: float = _PSF_WIDTH_JITTER,
     max_iter: int = typer.Option(50, help="Gauss-Newton iterations before the fit is declared not converged."),
     student_t: Optional[float] = typer.Option(None, help="Student-t pixel likelihood with this many degrees of freedom "
                                               "(e.g. 5) for cosmic rays and bad columns the masks missed; "
                                               "default Gaussian. Errors grow by 3 % at 5."),
     null_test: bool = typer.Option(False, help="Also test the transient-free epochs for transient light (refits "
                                    "their fluxes; about the covariance's cost again)."),
-    nuts_samples: int = typer.Option(1000, help="--method nuts: draws per chain after warm-up."),
-    nuts_warmup: int = typer.Option(500, help="--method nuts: warm-up (adaptation) draws per chain."),
-    nuts_chains: int = typer.Option(2, help="--method nuts: chains (R-hat needs at least 2)."),
-    seed: int = typer.Option(0, help="--method nuts: random seed (a run is reproducible given it)."),
-    force: bool = typer.Option(False, help="--method nuts: write the light curve even if the chains did not converge "
-                               "(rows flagged NOT_CONVERGED); without it the command fails."),
+    nuts_samples: int = _NUTS_SAMPLES,
+    nuts_warmup: int = _NUTS_WARMUP,
+    nuts_chains: int = _NUTS_CHAINS,
+    seed: int = _SEED,
+    force: bool = _FORCE,
     verbose: bool = typer.Option(False, "-v", "--verbose", help="Debug logging and tracebacks."),
     quiet: bool = typer.Option(False, "-q", "--quiet", help="Only warnings and errors."),
 ) -> None:
@@ -408,18 +418,15 @@ def lightcurve_cmd(
     fit_radius: Optional[float] = typer.Option(None, help="Half-side of the fitted region, arcsec."),
     shift_prior: Optional[float] = typer.Option(None, help="Prior width of each epoch's astrometric shift, arcsec "
                                                 "(default: the surveys' astrometric precision)."),
-    zp_jitter: float = typer.Option(0.0, help="Prior rms of each epoch's zero-point error, mag (e.g. 0.01); 0: zero "
-                                    "points taken as exact. Fits a calibration factor per epoch against the host."),
-    psf_width_jitter: float = typer.Option(0.0, help="Prior rms of each epoch's fractional PSF FWHM error (e.g. 0.02); "
-                                           "0: PSFs taken as exact. Fits a PSF-width change per epoch."),
+    zp_jitter: float = _ZP_JITTER,
+    psf_width_jitter: float = _PSF_WIDTH_JITTER,
     max_iter: int = typer.Option(50, help="Gauss-Newton iterations before the fit is declared not converged."),
     student_t: Optional[float] = typer.Option(None, help="Student-t pixel likelihood with this many degrees of freedom."),
-    nuts_samples: int = typer.Option(1000, help="--method nuts: draws per chain after warm-up."),
-    nuts_warmup: int = typer.Option(500, help="--method nuts: warm-up (adaptation) draws per chain."),
-    nuts_chains: int = typer.Option(2, help="--method nuts: chains (R-hat needs at least 2)."),
-    seed: int = typer.Option(0, help="--method nuts: random seed (a run is reproducible given it)."),
-    force: bool = typer.Option(False, help="--method nuts: write the light curve even if the chains did not converge "
-                               "(rows flagged NOT_CONVERGED); without it the command fails."),
+    nuts_samples: int = _NUTS_SAMPLES,
+    nuts_warmup: int = _NUTS_WARMUP,
+    nuts_chains: int = _NUTS_CHAINS,
+    seed: int = _SEED,
+    force: bool = _FORCE,
     verbose: bool = typer.Option(False, "-v", "--verbose", help="Debug logging and tracebacks."),
     quiet: bool = typer.Option(False, "-q", "--quiet", help="Only warnings and errors."),
 ) -> None:

@@ -64,6 +64,8 @@ class EpochStack(eqx.Module):
     psf_prec: Float[Array, "epoch"]  # prior precision of the PSF-width nuisance (PINNED: off)
     psf_var: Float[Array, "epoch"]  # the PSF's sigma^2 in arcsec^2 (Gaussian-equivalent, from its FWHM)
     scale: Float[Array, "epoch"]  # calibration factor fixed into the epoch (1; a frozen fit's zero point)
+    #: whether the PSF-width nuisance is rendered at all (static: off keeps it out of the hot path)
+    fit_psf_width: bool = eqx.field(static=True, default=False)
 
     def __check_init__(self):
         if self.data.ndim != 3:  # a single-epoch slice
@@ -411,6 +413,7 @@ def make_dataset(
                 zp_prec=jnp.asarray(zp_prec),
                 psf_prec=jnp.asarray(psf_prec),
                 psf_var=jnp.asarray(psf_var),
+                fit_psf_width=psf_width_jitter > 0,
                 scale=jnp.ones(n_pad),
             )
         )

@@ -43,7 +43,7 @@ from .dataset import ModelGrid
 from .host import PixelHost
 from .render import batched
 from .scene import N_LOCAL, Scene, host_spectrum, render_epoch
-from .solve import _DENSE_MAX, PriorArrays, _build, _local_blocks, _position_index, _small_indices, objective
+from .solve import PriorArrays, _build, _local_blocks, _position_index, _small_indices, objective
 
 __all__ = ["NutsOptions", "PosteriorSamples", "Whitening", "whitening", "sample_posterior"]
 
@@ -326,8 +326,8 @@ def sample_posterior(scene: Scene, stacks, grid: ModelGrid, pa: PriorArrays, *, 
     flux, pos = _summaries(zs.reshape(nc * nd, n), w, scene.glob, grid, pos_idx)
     flux = np.asarray(flux).reshape(nc, nd, -1)
     pos = np.asarray(pos).reshape(nc, nd, 2)
-    free = np.concatenate([np.asarray(st.free_flux * st.valid) for st in stacks]) > 0
-    free &= ~np.concatenate([np.asarray(m)[:, 0] > 0 for m in w.inert])
+    measured = np.concatenate([np.asarray(st.free_flux * st.valid) for st in stacks]) > 0
+    free = measured & ~np.concatenate([np.asarray(m)[:, 0] > 0 for m in w.inert])
     rhat = np.full(flux.shape[-1], np.nan)
     ess = np.full(flux.shape[-1], np.nan)
     if free.any():
@@ -355,7 +355,7 @@ def sample_posterior(scene: Scene, stacks, grid: ModelGrid, pa: PriorArrays, *, 
     log.info("NUTS: %.1f s, step size %.3g, mean tree depth %.1f, max R-hat %.4f, min ESS %.0f, %d divergent",
              seconds, step, depth, worst_rhat, worst_ess, n_div)
     flux_draws = np.array(flux.reshape(nc * nd, -1).T)
-    flux_draws[~(np.concatenate([np.asarray(st.free_flux * st.valid) for st in stacks]) > 0)] = 0.0
+    flux_draws[~measured] = 0.0
     return PosteriorSamples(
         flux=flux_draws, position=pos.reshape(nc * nd, 2), rhat=rhat, ess=ess, position_rhat=pos_rhat,
         position_ess=pos_ess, n_chains=nc, n_params=n, n_divergent=n_div, n_draws=nc * nd, step_size=step,

@@ -7,6 +7,7 @@ import logging
 import re
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from astropy.io import fits
@@ -45,7 +46,7 @@ def epoch_images(result: FitResult, index: int, *, host_ft=None) -> dict[str, np
     row = ds.epochs[index]
     st = ds.stacks[int(row["stack"])]
     k = int(row["slot"])
-    ep = type(st)(**{name: getattr(st, name)[k] for name in st.__dataclass_fields__})
+    ep = jax.tree_util.tree_map(lambda x: x[k], st)  # one epoch (static fields kept)
     loc = result.scene.local[int(row["stack"])][k]
     glob = result.scene.glob
     hft = host_spectrum(glob, ds.grid) if host_ft is None else host_ft

@@ -53,7 +53,8 @@ def render_epoch(
 ) -> Float[Array, "y x"]:
     """Model image (nJy per pixel) of one epoch (``ep`` without its epoch axis)."""
     band = ep.band.astype(jnp.int32)
-    ep = with_psf_width(ep, loc[LOCAL_PSF], grid)
+    if ep.fit_psf_width:  # static: the PSF-width nuisance costs nothing when off
+        ep = with_psf_width(ep, loc[LOCAL_PSF], grid)
     shift = loc[LOCAL_SHIFT]
     img = host_on_epoch(host_ft[band], ep, grid, shift)
     offsets = jnp.concatenate([glob.position[None, :], glob.star_position], axis=0)
