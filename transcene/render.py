@@ -5,92 +5,71 @@ the PSF samples), so a source lands where the epoch's WCS says to floating-point
 
 Host: the host image lives on the model grid (nJy per model pixel, as a sum of point masses at
 model-pixel centres). It is convolved on the model grid with the epoch's ePSF resampled into
-the model frame (FFT), and the convolved image is sampled at the epoch's pixel centres with a
-Kaiser-windowed sinc of 8 taps a side. The convolved image is band-limited by the PSF, so the
-sampling error is ~4e-4 of the peak when the PSF FWHM spans >= 4 model pixels (the default
-model grid oversamples the finest epoch by 2), ~2e-3 at 3 model pixels. Never resampled: the data.
+the model frame (FFT), and the convolved image is evaluated at the epoch's pixel centres by its
+trigonometric interpolant, in two separable passes of dense matrix products
+(``sample_affine``; no gathers or scatters, which dominated the cost on CPUs). The convolved
+image is band-limited by the PSF, so the sampling error is < 3e-4 of the peak when the PSF FWHM
+spans >= 4 model pixels (the default model grid oversamples the finest epoch by 2), at any
+rotation. Never resampled: the data.
 """
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jaxtyping import Array, Float
 
 from .dataset import EpochStack, ModelGrid
 
-__all__ = ["sample_image", "point_sources", "host_on_epoch", "kernel_weights"]
-
-_HALF = 4  # taps each side of the sampling kernel
-_BETA = 6.0  # Kaiser window shape
-_OFFS = np.arange(-_HALF + 1, _HALF + 1)  # tap offsets from floor(x)
+__all__ = ["sample_affine", "point_sources", "host_on_epoch"]
 
 
-def _kaiser_series(beta: float, terms: int = 28) -> np.ndarray:
-    """Coefficients of ``I0(beta sqrt(a)) / I0(beta)`` as a polynomial in ``a`` (exact in float64:
-    the terms of the series ``sum_k (beta^2 a / 4)^k / k!^2`` fall below 1e-30 by k = 28)."""
-    k = np.arange(terms)
-    log_c = k * np.log(beta**2 / 4.0) - 2.0 * np.array([math.lgamma(i + 1.0) for i in k])
-    return np.exp(log_c) / np.i0(beta)
+def sample_affine(
+    img: Float[Array, "m m"], mat: Float[Array, "2 2"], off: Float[Array, "2"], shape: tuple[int, int]
+) -> Float[Array, "y x"]:
+    """Values of the band-limited, periodic ``img`` at the pixel centres of an affine grid.
 
-
-_KAISER = _kaiser_series(_BETA)
-_KAISER_DERIV = _KAISER[1:] * np.arange(1, _KAISER.size)
-
-
-@jax.custom_jvp
-def _kaiser_window(arg: Array) -> Array:
-    """``I0(beta sqrt(arg)) / I0(beta)`` (Horner); its derivative is the derivative series, so
-    reverse mode does not store every Horner step."""
-    return jnp.polyval(jnp.asarray(_KAISER[::-1]), arg)
-
-
-@_kaiser_window.defjvp
-def _kaiser_window_jvp(primals, tangents):
-    (arg,), (darg,) = primals, tangents
-    return _kaiser_window(arg), jnp.polyval(jnp.asarray(_KAISER_DERIV[::-1]), arg) * darg
-_SIGN = (-1.0) ** _OFFS  # sin(pi (f - k)) = (-1)^k sin(pi f)
-
-
-def kernel_weights(frac: Array) -> Array:
-    """Normalised Kaiser-windowed-sinc weights ``(..., 8)`` for fractional positions ``frac``.
-
-    Written for speed (the renderer evaluates it for every pixel at every step): one sine per
-    position instead of one per tap, and the window's Bessel function as its power series in
-    ``1 - (t/4)^2`` (no square root, so no infinite slope at the edge of the support, where
-    reverse-mode gradients would otherwise become 0 * inf = NaN at integer positions).
+    Output pixel ``(x, y)`` (integers, ``shape = (ny, nx)``) samples ``img`` at model position
+    ``off + mat @ (x, y)`` (model pixels, ``(x, y)`` order), by the trigonometric interpolant of
+    ``img`` (exact for a band-limited periodic image). Two separable passes of dense matrix
+    products, no gathers: (1) along model columns, each epoch row's line through the model grid
+    is evaluated at every model column (a phase ramp per column, then a matrix of complex
+    exponentials); (2) along each of those lines, at the epoch's pixel centres. Pass 2 sees the
+    image along lines at an angle ``theta`` to the model axes, whose bandwidth is larger by up to
+    ``sqrt(2)`` (45 degrees; the axes are swapped beyond it), so the image should have no power
+    above ~0.35 cycles per model pixel: errors measured against analytic Gaussians are < 3e-4 of
+    the peak for a FWHM >= 4 model pixels at any angle (1e-7 when axis-aligned), 7e-4 for 3
+    model pixels within 30 degrees of the axes and 6e-3 at 45 degrees. ``img`` must be ~0 on its
+    border (the model grid's zero padding), as pass 2 treats each line as periodic; output
+    pixels that fall off the grid are 0.
     """
-    t = frac[..., None] - _OFFS
-    inside = jnp.abs(t) < _HALF
-    arg = jnp.where(inside, 1.0 - (t / _HALF) ** 2, 0.0)
-    window = _kaiser_window(arg)
-    at_zero = t == 0.0
-    sinc = jnp.where(at_zero, 1.0,
-                     _SIGN * jnp.sin(np.pi * frac)[..., None] / (np.pi * jnp.where(at_zero, 1.0, t)))
-    w = jnp.where(inside, sinc * window, 0.0)
-    return w / jnp.sum(w, axis=-1, keepdims=True)
-
-
-def sample_image(img: Float[Array, "m m"], xs: Array, ys: Array) -> Array:
-    """Values of the band-limited ``img`` at positions ``(xs, ys)`` (model pixel coordinates)."""
-    m = img.shape[0]
-    ix = jnp.floor(xs)
-    iy = jnp.floor(ys)
-    wx = kernel_weights(xs - ix)
-    wy = kernel_weights(ys - iy)
-    jx = jnp.clip(ix.astype(jnp.int32)[..., None] + _OFFS, 0, m - 1)
-    jy = jnp.clip(iy.astype(jnp.int32)[..., None] + _OFFS, 0, m - 1)
-    patch = img[jy[..., :, None], jx[..., None, :]]
-    return jnp.einsum("...ab,...a,...b->...", patch, wy, wx)
-
-
-def _pixel_grid(shape: tuple[int, int]) -> tuple[Array, Array]:
+    m = img.shape[-1]
     ny, nx = shape
-    yy, xx = jnp.mgrid[0:ny, 0:nx]
-    return xx.astype(float), yy.astype(float)
+    # beyond 45 degrees, run the passes with the model axes swapped (a transposed image)
+    swap = jnp.abs(mat[1, 0]) > jnp.abs(mat[0, 0])
+    img = jnp.where(swap, img.T, img)
+    mat = jnp.where(swap, mat[::-1], mat)
+    off = jnp.where(swap, off[::-1], off)
+    a, b, c, d = mat[0, 0], mat[0, 1], mat[1, 0], mat[1, 1]
+    # row y of the output crosses model column i at model row h + e i + g y
+    e = c / a
+    g = d - e * b
+    h = off[1] - e * off[0]
+    k = jnp.arange(m // 2 + 1)
+    # one-sided spectrum weights (Nyquist and zero once), with the 1/m of the inverse DFT
+    wk = jnp.where((k == 0) | (k == m // 2), 1.0, 2.0) / m
+    i = jnp.arange(m)
+    y = jnp.arange(ny)
+    x = jnp.arange(nx)
+    cols = wk[:, None] * jnp.fft.rfft(img, axis=0) * jnp.exp(2j * jnp.pi / m * k[:, None] * (h + e * i[None, :]))
+    lines = jnp.real(jnp.exp(2j * jnp.pi / m * g * y[:, None] * k[None, :]) @ cols)  # [y, i]
+    spec = wk[None, :] * jnp.fft.rfft(lines, axis=1) * jnp.exp(2j * jnp.pi / m * (off[0] + b * y)[:, None] * k[None, :])
+    out = jnp.real(spec @ jnp.exp(2j * jnp.pi / m * a * k[:, None] * x[None, :]))
+    # pixels that fall off the grid would see the periodic images of other lines: zero them
+    # (the image is zero there anyway)
+    mx = off[0] + a * x[None, :] + b * y[:, None]
+    my = off[1] + c * x[None, :] + d * y[:, None]
+    return jnp.where((mx >= 0) & (mx <= m - 1) & (my >= 0) & (my <= m - 1), out, 0.0)
 
 
 def host_on_epoch(
@@ -103,15 +82,10 @@ def host_on_epoch(
     """
     m = grid.size
     conv = jnp.fft.irfft2(host_ft * ep.q_hat, s=(m, m))
-    xx, yy = _pixel_grid(ep.data.shape)
-    dx = xx - ep.p0[0]
-    dy = yy - ep.p0[1]
-    xi = ep.ainv[0, 0] * dx + ep.ainv[0, 1] * dy - shift[0]
-    eta = ep.ainv[1, 0] * dx + ep.ainv[1, 1] * dy - shift[1]
-    c = grid.centre
-    mx = c + grid.to_model[0, 0] * xi + grid.to_model[0, 1] * eta
-    my = c + grid.to_model[1, 0] * xi + grid.to_model[1, 1] * eta
-    return sample_image(conv, mx, my)
+    # model = c + T (A^-1 (p - p0) - shift): an affine map of the epoch's pixel (x, y)
+    mat = grid.to_model @ ep.ainv
+    off = grid.centre - mat @ ep.p0 - grid.to_model @ shift
+    return sample_affine(conv, mat, off, ep.data.shape)
 
 
 def point_sources(
