@@ -510,9 +510,10 @@ def flux_covariance(scene: Scene, stacks, grid: ModelGrid, pa: PriorArrays, *, p
     with 16 (random probes only: 4.4e-3, 1.1e-3, 5.9e-4). The probes (and the two position rows)
     are solved together by block CG (``_block_pcg``), which shares one Krylov space: on 31
     epochs of 32x32 px, 28 iterations of the 18-row block instead of 146 for the slowest of 18
-    independent solves (covariance 65-80 s -> 18 s). It is still the largest part of a fit's time
-    (tests/test_geometry_render.py checks the approximation against the exact covariance). The Nystrom term is never larger than the exact one
-    (Loewner order), so an error it makes is a slight underestimate. CG errors enter these
+    independent solves (covariance 65-80 s -> 18 s). It is still the largest part of a fit's
+    time (tests/test_geometry_render.py checks the approximation against the exact covariance).
+    The Nystrom term is never larger than the exact one (Loewner order), so an error it makes is
+    a slight underestimate. CG errors enter these
     quadratic forms squared, hence ``tol``.
 
     Returns ``(cov [E, E], local_var [E, 6], position_cov [2, 2], cg_iterations)`` where E is the
