@@ -708,6 +708,38 @@ def test_fit_pulls_are_sane(fit_results):
     assert 0.2 < np.mean(pulls**2) < 2.5, pulls
 
 
+def test_block_cg_solves_many_right_hand_sides_including_dependent_and_zero_ones():
+    """Block PCG against a dense solve on an ill-conditioned SPD system (condition 1e4) with
+    duplicated, scaled and zero right-hand sides, and a diagonal preconditioner that is only
+    approximate: every solution to the requested relative residual, in fewer iterations than
+    the slowest single-vector PCG."""
+    from transcene.solve import _block_pcg, _pcg
+
+    rng = np.random.default_rng(11)
+    n = 300
+    q, _ = np.linalg.qr(rng.normal(size=(n, n)))
+    lam = np.logspace(0, 4, n)
+    a = (q * lam) @ q.T
+    a = 0.5 * (a + a.T)
+    b = rng.normal(size=(8, n))
+    b = np.concatenate([b, b[:2], 1e-3 * b[2:3], np.zeros((2, n))])  # dependent, tiny, zero rows
+    dinv = jnp.asarray(1.0 / np.diag(a))
+    apply_a = lambda v: jnp.asarray(a) @ v  # noqa: E731
+    precond = lambda r: dinv * r  # noqa: E731
+    tol = 1e-8
+    x, its, res = _block_pcg(apply_a, jnp.asarray(b), precond, tol, 2000)
+    want = np.linalg.solve(a, b.T).T
+    assert float(res) <= tol
+    resid = np.linalg.norm(b - np.asarray(x) @ a, axis=1) / (np.linalg.norm(b, axis=1) + 1e-300)
+    assert np.all(resid <= 1.5 * tol)
+    np.testing.assert_allclose(np.asarray(x)[-2:], 0.0)
+    err = np.linalg.norm(np.asarray(x) - want, axis=1) / (np.linalg.norm(want, axis=1) + 1e-300)
+    assert np.all(err[:-2] < 1e-4)  # at most condition x residual
+    # measured: 104 block iterations; 663-683 for each single solve (more than n: rounding)
+    single = min(int(_pcg(apply_a, jnp.asarray(r), precond, jnp.zeros(n), tol, 2000)[1]) for r in b[:8])
+    assert int(its) < single / 2
+
+
 def test_nystrom_flux_covariance_is_close_to_and_below_the_exact_one(fit_results):
     """With fewer probes than free epochs the host term is a Nystrom approximation of a PSD
     matrix: never above the exact one (Loewner order), and close because its spectrum falls
