@@ -267,9 +267,13 @@ def _block_pcg(apply_a, b, precond, tol, maxiter):
         return jnp.max(jnp.sqrt(jnp.sum(r * r, axis=1)) / bnorm)
 
     def orthonormal(p):
+        # rows scaled to unit norm first, so that a direction is dropped for being dependent on
+        # the others, never for being small (a nearly converged right-hand side keeps its own)
+        norm = jnp.sqrt(jnp.sum(p * p, axis=1))
+        nonzero = norm > 0.0
+        p = p / jnp.where(nonzero, norm, 1.0)[:, None]
         q, rr = jnp.linalg.qr(p.T)  # Householder: stable where a Gram matrix would square the conditioning
-        d = jnp.abs(jnp.diagonal(rr))
-        keep = d > 1e-10 * jnp.max(d)
+        keep = (jnp.abs(jnp.diagonal(rr)) > 1e-10) & nonzero
         return jnp.where(keep, 1.0, 0.0)[:, None] * q.T, keep
 
     x0 = jnp.zeros_like(b)
@@ -491,8 +495,13 @@ def _covariance_solves(scene: Scene, stacks, grid: ModelGrid, pa: PriorArrays, p
     z = jnp.concatenate(zs, axis=0)  # [E, n_g]
     b_rows = probes_t @ z
     _, _, block = _make_solver(sysd, glob, grid, pa, deflate=b_rows if deflate else None)
-    xs, its, _ = block(jnp.concatenate([b_rows, e_pos], axis=0), tol)
-    return z, jnp.concatenate(local_var, axis=0), xs, its
+    # the position rows in a block of their own: together with the probes of the exact path
+    # (26 epochs of 32x32) they held the block at 113 iterations, apart it is 27 + 23. They keep
+    # the probes' deflation: without it the position solve met the residual tolerance with its
+    # standard deviation 10 % off (the residual of a unit vector says little here)
+    xs, its, _ = block(b_rows, tol)
+    xs_pos, its_pos, _ = block(e_pos, tol)
+    return z, jnp.concatenate(local_var, axis=0), jnp.concatenate([xs, xs_pos], axis=0), its + its_pos
 
 
 def flux_covariance(scene: Scene, stacks, grid: ModelGrid, pa: PriorArrays, *, probes: int = 16,
@@ -508,9 +517,10 @@ def flux_covariance(scene: Scene, stacks, grid: ModelGrid, pa: PriorArrays, *, p
     from ~1.5e-2 of the top. Measured on 26 free epochs in 2 bands (seeing 1.5-3", rotated
     epochs): largest relative flux-error error 1.8e-3 with 8 probes, 1.4e-3 with 12, 4.5e-4
     with 16 (random probes only: 4.4e-3, 1.1e-3, 5.9e-4). The probes (and the two position rows)
-    are solved together by block CG (``_block_pcg``), which shares one Krylov space: on 31
-    epochs of 32x32 px, 28 iterations of the 18-row block instead of 146 for the slowest of 18
-    independent solves (covariance 65-80 s -> 18 s). It is still the largest part of a fit's
+    are solved by block CG (``_block_pcg``), which shares one Krylov space: on 31 epochs of
+    32x32 px, 16 probes take 27 block iterations and the position rows another 28, instead of
+    146 for the slowest of 18 independent solves (covariance 65-80 s -> 21 s; the exact path
+    with 26 probes: 30 s). It is still the largest part of a fit's
     time (tests/test_geometry_render.py checks the approximation against the exact covariance).
     The Nystrom term is never larger than the exact one (Loewner order), so an error it makes is
     a slight underestimate. CG errors enter these
