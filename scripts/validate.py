@@ -19,7 +19,7 @@ transient, run time; plus the VALIDATION.md goals each cell meets.
 
 Usage:
     python scripts/validate.py OUTDIR --mode fast     # 6 cells x 1 seed, small data sets: ~6 min
-    python scripts/validate.py OUTDIR --mode full     # 32 cells x 8 seeds (~2.5 min per fit: ~10 h)
+    python scripts/validate.py OUTDIR --mode full     # 32 cells x 8 seeds (~1.5 min per seed: ~6.5 h)
     python scripts/validate.py OUTDIR --cells sb:15,nref:1 --seeds 3
     python scripts/validate.py OUTDIR --compare-nuts  # Laplace vs NUTS errors (~15 min)
 Writes OUTDIR/cells.ecsv (one row per cell), OUTDIR/fluxes.ecsv (one row per epoch flux),
