@@ -5,9 +5,9 @@
 - A point source placed at a sky position lands where astropy's WCS says, to 0.01 px, in every
   epoch (checked with an analytic pixel-integrated Gaussian, a least-squares position fit and
   the centroid), and keeps its flux.
-- The host path (model-grid convolution + sampling kernel) agrees with the point-source path
+- The host path (model-grid convolution + Fourier sampling) agrees with the point-source path
   and with the analytic convolution of a Gaussian blob with the Gaussian ePSF.
-- The sampling kernel is normalised and interpolates band-limited functions to 1e-3.
+- The affine sampler interpolates band-limited images to < 3e-4 at any rotation (FWHM >= 4 px).
 - ``transcene.fit`` on an isolated point source reaches the closed-form photometric bound.
 """
 
@@ -366,7 +366,7 @@ def _host_render(ds, host: PixelHost, ep) -> np.ndarray:
 BLOB_SIGMA = 0.4  # arcsec
 
 # The host path's model-frame PSF uses the same trigonometric interpolation as point_sources, so
-# the two paths agree to the sampling kernel's accuracy (~1e-3 of the peak).
+# the two paths agree to the sampler's accuracy (~1e-3 of the peak).
 
 
 @pytest.fixture(scope="module")

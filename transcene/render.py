@@ -106,7 +106,7 @@ def point_sources(
 
 
 def batched(fn, n_items: int, batch: int = 64):
-    """Map ``fn`` over the leading axis in batches (bounds memory of the sampling gathers)."""
+    """Map ``fn`` over the leading axis in batches (bounds the memory of the per-epoch intermediates)."""
     if n_items <= batch:
         return jax.vmap(fn)
     return lambda xs: jax.lax.map(fn, xs, batch_size=batch)
