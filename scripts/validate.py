@@ -226,38 +226,60 @@ BOOTSTRAP = 200  # resamples of the seeds for the statistics' uncertainties
 
 
 def _seed_bootstrap(f: Table, rng: np.random.Generator) -> dict[str, float]:
-    """Standard deviations of the cell statistics over bootstrap resamples of the seeds (NaN
-    with fewer than 3 seeds)."""
-    seeds = np.unique(np.asarray(f["seed"]))
-    if seeds.size < 3:
+    """Standard deviations of the cell statistics over bootstrap resamples of the fits (a fit:
+    one cell and seed; its fluxes share a host and are correlated), or {} with fewer than 3."""
+    fit_id = np.char.add(np.asarray(f["cell"], str), np.char.add("/", np.asarray(f["seed"]).astype(str)))
+    fits = np.unique(fit_id)
+    if fits.size < 3:
         return {}
-    by_seed = [f[np.asarray(f["seed"]) == s] for s in seeds]
+    cols = [np.asarray(f[k], float) for k in ("flux", "flux_err", "flux_true", "crb")]
+    rows_of = [np.flatnonzero(fit_id == s) for s in fits]
     draws = []
     for _ in range(BOOTSTRAP):
-        g = vstack([by_seed[i] for i in rng.integers(0, seeds.size, seeds.size)])
-        draws.append(cell_metrics(g["flux"], g["flux_err"], g["flux_true"], g["crb"]))
+        idx = np.concatenate([rows_of[i] for i in rng.integers(0, fits.size, fits.size)])
+        draws.append(cell_metrics(*(c[idx] for c in cols)))
     return {k: float(np.std([d[k] for d in draws], ddof=1)) for k in draws[0] if k != "n"}
 
 
+def _row(f: Table, rng: np.random.Generator) -> dict:
+    m = cell_metrics(f["flux"], f["flux_err"], f["flux_true"], f["crb"])
+    boot = _seed_bootstrap(f, rng)
+    for k in ("bias_crb", "pull_std", "coverage68", "coverage95"):
+        m[f"{k}_sd"] = boot.get(k, np.nan)
+    m.update(chi2_dof=float(np.median(f["chi2_dof"])), sb_mag=float(np.median(f["sb_mag"])))
+    return m
+
+
 def summarise(fluxes: Table, infos: list[dict]) -> Table:
+    """One row per cell, then (with two or more of them) the cells without a systematic pooled:
+    the calibration of the error model as a whole, known far better than any one cell's."""
     rows = []
     rng = np.random.default_rng(0)
+    clean = []
     for cell in CELLS:
         sel = np.asarray(fluxes["cell"]) == cell.name
         if not sel.any():
             continue
-        f = fluxes[sel]
-        m = cell_metrics(f["flux"], f["flux_err"], f["flux_true"], f["crb"])
-        boot = _seed_bootstrap(f, rng)
-        for k in ("bias_crb", "pull_std", "coverage68", "coverage95"):
-            m[f"{k}_sd"] = boot.get(k, np.nan)
+        m = _row(fluxes[sel], rng)
         inf = [i for i in infos if i["cell"] == cell.name]
         m.update(cell=cell.name, group=cell.group, systematic=cell.systematic or "none",
                  seeds=len(inf), converged=sum(i["status"] == "converged" for i in inf),
-                 chi2_dof=float(np.median(f["chi2_dof"])), sb_mag=float(np.median(f["sb_mag"])),
                  fit_seconds=float(np.median([i["elapsed"] for i in inf])))
         m["goals"] = goals(m, cell.systematic)
         u_goals = unresolved(m, cell.systematic)
+        if u_goals:
+            m["goals"] += f" (unresolved: {u_goals})"
+        rows.append(m)
+        if not cell.systematic:
+            clean.append(cell.name)
+    if len(clean) >= 2:
+        m = _row(fluxes[np.isin(np.asarray(fluxes["cell"]), clean)], rng)
+        inf = [i for i in infos if i["cell"] in clean]
+        m.update(cell="pooled:no-systematic", group="pooled", systematic="none", seeds=len(inf),
+                 converged=sum(i["status"] == "converged" for i in inf),
+                 fit_seconds=float(np.median([i["elapsed"] for i in inf])))
+        m["goals"] = goals(m, "")
+        u_goals = unresolved(m, "")
         if u_goals:
             m["goals"] += f" (unresolved: {u_goals})"
         rows.append(m)
@@ -274,13 +296,19 @@ def plots(fluxes: Table, cells: Table, outdir: Path) -> None:
     from matplotlib.figure import Figure
 
     names = list(cells["cell"])
+    clean = [str(r["cell"]) for r in cells if r["systematic"] == "none" and r["group"] != "pooled"]
+
+    def of(name):
+        group = clean if name == "pooled:no-systematic" else [name]
+        return np.isin(np.asarray(fluxes["cell"]), group)
+
     ncol = min(4, len(names))
     nrow = int(np.ceil(len(names) / ncol))
     fig = Figure(figsize=(3.2 * ncol, 2.5 * nrow), layout="constrained")
     axes = np.atleast_1d(fig.subplots(nrow, ncol, squeeze=False).ravel())
     x = np.linspace(-4, 4, 200)
     for ax, name in zip(axes, names):
-        p = np.asarray(fluxes["pull"][np.asarray(fluxes["cell"]) == name], float)
+        p = np.asarray(fluxes["pull"][of(name)], float)
         ax.hist(np.clip(p, -4.9, 4.9), bins=20, range=(-5, 5), density=True, alpha=0.6)
         ax.plot(x, np.exp(-0.5 * x**2) / np.sqrt(2 * np.pi), "k-", lw=0.8)
         ax.set_title(f"{name} (n={p.size})", fontsize=8)
@@ -296,7 +324,7 @@ def plots(fluxes: Table, cells: Table, outdir: Path) -> None:
     k = np.linspace(0.05, 3.0, 40)
     nominal = erf(k / np.sqrt(2))
     for name in names:
-        p = np.abs(np.asarray(fluxes["pull"][np.asarray(fluxes["cell"]) == name], float))
+        p = np.abs(np.asarray(fluxes["pull"][of(name)], float))
         ax.plot(nominal, [np.mean(p < kk) for kk in k], lw=1, label=name)
     ax.plot([0, 1], [0, 1], "k--", lw=0.8)
     ax.set_xlabel("nominal coverage")

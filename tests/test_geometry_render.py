@@ -740,6 +740,39 @@ def test_block_cg_solves_many_right_hand_sides_including_dependent_and_zero_ones
     assert int(its) < single / 2
 
 
+@pytest.mark.parametrize("eta", [0.1, 0.25, 0.5])
+def test_truncated_cg_stops_exactly_where_the_quadratic_model_rule_says(eta):
+    """The truncated (Nash-Sofer) PCG returns the k-th CG iterate, k the first iteration with
+    ``k (q_{k-1} - q_k) <= eta |q_k|`` for ``q(x) = x.A x / 2 - b.x``: checked against the
+    iterates of untruncated runs capped at k-2, k-1 and k iterations, with q computed densely."""
+    from transcene.solve import _pcg
+
+    rng = np.random.default_rng(5)
+    n = 200
+    q, _ = np.linalg.qr(rng.normal(size=(n, n)))
+    a = (q * np.logspace(0, 4, n)) @ q.T
+    a = 0.5 * (a + a.T)
+    b = rng.normal(size=n)
+    dinv = jnp.asarray(1.0 / np.diag(a))
+    apply_a = lambda v: jnp.asarray(a) @ v  # noqa: E731
+    precond = lambda r: dinv * r  # noqa: E731
+    x, k, _ = _pcg(apply_a, jnp.asarray(b), precond, jnp.zeros(n), 1e-12, 1000, eta)
+    k = int(k)
+    assert 3 <= k < 150  # truncated well before the residual test (which needs > 200 here)
+
+    def quad(m):
+        xm = np.asarray(_pcg(apply_a, jnp.asarray(b), precond, jnp.zeros(n), 1e-12, m)[0])
+        return 0.5 * xm @ a @ xm - b @ xm, xm
+
+    (q2, _), (q1, _), (q0, x0) = quad(k - 2), quad(k - 1), quad(k)
+    np.testing.assert_allclose(np.asarray(x), x0, rtol=1e-10, atol=1e-14)
+    assert k * (q1 - q0) <= eta * abs(q0) * (1 + 1e-9)
+    assert (k - 1) * (q2 - q1) > eta * abs(q1)
+    # the model decrease already made is most of the full one (the point of the rule)
+    q_star = -0.5 * b @ np.linalg.solve(a, b)
+    assert q0 / q_star > 1 - 2 * eta
+
+
 def test_nystrom_flux_covariance_is_close_to_and_below_the_exact_one(fit_results):
     """With fewer probes than free epochs the host term is a Nystrom approximation of a PSD
     matrix: never above the exact one (Loewner order), and close because its spectrum falls
