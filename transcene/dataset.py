@@ -27,7 +27,7 @@ from jaxtyping import Array, Complex, Float
 from .epoch import Epoch
 from .errors import BaselineWarning, DatasetError, EpochSkippedWarning
 from .geometry import local_affine
-from .psf import centred_fft, crop_psf, native_psf, psf_fwhm, psf_to_model_frame
+from .psf import alias_spectrum, centred_fft, crop_psf, native_psf, psf_fwhm, psf_to_model_frame
 
 __all__ = ["EpochStack", "ModelGrid", "Dataset", "make_dataset"]
 
@@ -51,7 +51,7 @@ class EpochStack(eqx.Module):
 
     data: Float[Array, "epoch y x"]
     weight: Float[Array, "epoch y x"]
-    psf_hat: Complex[Array, "epoch fy fxh"]
+    psf_hat: Complex[Array, "epoch k k fy fxh"]  # psf.alias_spectrum (k: the PSF's oversampling)
     q_hat: Complex[Array, "epoch m mh"]
     p0: Float[Array, "epoch 2"]
     amat: Float[Array, "epoch 2 2"]
@@ -342,7 +342,9 @@ def make_dataset(
         n_pad = _epoch_bucket(n) if pad_epochs else n
         data = np.zeros((n_pad, side, side))
         weight = np.zeros((n_pad, side, side))
-        psf_hat = np.zeros((n_pad, nf, nf // 2 + 1), complex)
+        # the stack's PSF sampling: the finest any member has (coarser ones are interpolated)
+        k_s = max(int(items[i]["ep"].psf_oversample) for i in members)
+        psf_hat = np.zeros((n_pad, k_s, k_s, nf, nf // 2 + 1), complex)
         q_hat = np.zeros((n_pad, m_size, m_size // 2 + 1), complex)
         p0 = np.zeros((n_pad, 2))
         amat = np.tile(np.eye(2), (n_pad, 1, 1))
@@ -361,12 +363,21 @@ def make_dataset(
             ny, nx = it["img"].shape
             data[slot, :ny, :nx] = it["img"]
             weight[slot, :ny, :nx] = it["w"]
-            nat = crop_psf(it["nat"], it["h"])
-            nat = nat / nat.sum()
-            psf_hat[slot] = centred_fft(nat, (nf, nf))
+            k_e = int(ep.psf_oversample)
+            # the file's samples (unit sum at native sampling: k_e^2 over the finer samples)
+            src = crop_psf(np.asarray(ep.psf, float), it["h"] * k_e)
+            src = src * (k_e**2 / src.sum())
+            if k_s == 1:
+                psf_hat[slot, 0, 0] = centred_fft(src, (nf, nf))
+            else:
+                fine = src
+                if k_e != k_s:
+                    fine = psf_to_model_frame(src, np.eye(2) / k_s, it["h"] * k_s, nf, oversample=k_e)
+                    fine = fine * (k_s**2 / fine.sum())
+                psf_hat[slot] = alias_spectrum(fine, k_s, nf)
             b_mat = it["a"] @ np.linalg.inv(to_model)  # epoch px per model px
             hq = min(int(math.ceil(it["h"] * it["scale"] / scale_m)) + 1, m_size // 2 - 1)
-            q = psf_to_model_frame(nat, b_mat, hq, nf)
+            q = psf_to_model_frame(src, b_mat, hq, nf, oversample=k_e)
             q_hat[slot] = centred_fft(q, (m_size, m_size))
             p0[slot] = it["p0"]
             amat[slot] = it["a"]

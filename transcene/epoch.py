@@ -33,7 +33,9 @@ class Epoch:
         variance: ``[y, x]`` variance of ``image`` (same units squared); ``inf`` where unknown.
         mask: ``[y, x]`` bool, True where the pixel must not be used.
         psf: odd-sized PSF image, centred on its central pixel, unit sum.
-        psf_oversample: integer k: the PSF is sampled on the image grid refined k times.
+        psf_oversample: integer k: the PSF is sampled on the image grid refined k times. Give
+            k >= 2 whenever the PSF's FWHM is below ~2 pixels: point sources are then shifted on
+            the fine grid (a native-sampled undersampled PSF rings between pixel centres).
         wcs: celestial WCS of ``image`` (astropy, any projection/distortion astropy reads).
         mjd: mid-exposure modified Julian date in time scale ``timesys``.
         timesys: time scale of ``mjd`` (``"UTC"`` or ``"TAI"``...).

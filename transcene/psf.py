@@ -3,8 +3,11 @@
 A file's PSF is the effective PSF (optics + atmosphere + pixel response) sampled on the image
 grid, or ``k`` times finer. Two forms are derived per epoch:
 
-- the *epoch-frame* PSF at native sampling, used to render point sources by an exact Fourier
-  shift (sinc interpolation of the PSF samples);
+- the *epoch-frame* PSF, used to render point sources by an exact Fourier shift: at native
+  sampling (sinc interpolation of the PSF samples), or, when the file's PSF is ``k`` times finer,
+  shifted on that finer grid and decimated to the pixels (``alias_spectrum``). An undersampled
+  ePSF (FWHM below ~2 pixels) is not the sinc interpolant of its native samples; its finer
+  samples are what makes a point source between pixel centres look right;
 - the *model-frame* PSF: the same function evaluated on the model grid's pixel offsets through the
   epoch's affine map (cubic-spline interpolation of the finest samples available), used to
   convolve the host before it is sampled at the epoch's pixel centres.
@@ -21,6 +24,7 @@ __all__ = [
     "native_psf",
     "psf_to_model_frame",
     "centred_fft",
+    "alias_spectrum",
     "psf_fwhm",
 ]
 
@@ -59,24 +63,29 @@ def _dirichlet(t: np.ndarray, n: int) -> np.ndarray:
     return np.where(np.abs(np.sin(np.pi * t / n)) < 1e-12, 1.0, out)
 
 
-def psf_to_model_frame(psf: np.ndarray, epoch_px_per_model_px: np.ndarray, half: int, period: int) -> np.ndarray:
+def psf_to_model_frame(psf: np.ndarray, epoch_px_per_model_px: np.ndarray, half: int, period: int,
+                       oversample: int = 1) -> np.ndarray:
     """The ePSF on model-grid offsets: ``Q[a] = ePSF(B @ (a - centre))``, ``(2 half + 1)^2``.
 
-    ``psf`` is the native-sampling PSF (unit sum). Values between its samples come from the same
-    trigonometric (sinc) interpolation, with the same ``period``, that the point-source renderer
-    applies through its FFT, so host light and point sources see one and the same PSF. ``B``
+    ``psf`` is the PSF sampled ``oversample`` times finer than the epoch's pixels, normalised to
+    unit sum at native sampling (``oversample**2`` over its samples). Values between its samples
+    come from the same trigonometric (sinc) interpolation, with the same period (``period``
+    native pixels), that the point-source renderer applies through its FFT, so host light and
+    point sources see one and the same PSF. ``B``
     (2, 2) maps model-pixel offsets ``(dx, dy)`` to epoch-pixel offsets. Values keep the epoch
     normalisation, so convolving a host in nJy per model pixel with ``Q`` and sampling at the
     epoch's pixel centres gives nJy per epoch pixel.
     """
     psf = np.asarray(psf, dtype=float)
+    k = int(oversample)
     cy, cx = psf.shape[0] // 2, psf.shape[1] // 2
     off = np.arange(-half, half + 1, dtype=float)
     dx, dy = np.meshgrid(off, off)
-    ex = (epoch_px_per_model_px[0, 0] * dx + epoch_px_per_model_px[0, 1] * dy).ravel()
-    ey = (epoch_px_per_model_px[1, 0] * dx + epoch_px_per_model_px[1, 1] * dy).ravel()
-    kx = _dirichlet(ex[:, None] - (np.arange(psf.shape[1]) - cx)[None, :], period)
-    ky = _dirichlet(ey[:, None] - (np.arange(psf.shape[0]) - cy)[None, :], period)
+    # offsets in units of the PSF's sample spacing
+    ex = k * (epoch_px_per_model_px[0, 0] * dx + epoch_px_per_model_px[0, 1] * dy).ravel()
+    ey = k * (epoch_px_per_model_px[1, 0] * dx + epoch_px_per_model_px[1, 1] * dy).ravel()
+    kx = _dirichlet(ex[:, None] - (np.arange(psf.shape[1]) - cx)[None, :], k * period)
+    ky = _dirichlet(ey[:, None] - (np.arange(psf.shape[0]) - cy)[None, :], k * period)
     q = np.einsum("pi,ij,pj->p", ky, psf, kx)
     return q.reshape(dx.shape)
 
@@ -92,6 +101,28 @@ def centred_fft(stamp: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     big[:sy, :sx] = stamp
     big = np.roll(big, (-cy, -cx), axis=(0, 1))
     return np.fft.rfft2(big)
+
+
+def alias_spectrum(fine: np.ndarray, k: int, nf: int) -> np.ndarray:
+    """The spectrum of a PSF sampled ``k`` times finer than the pixels, folded for decimation:
+    ``[k, k, nf, nf // 2 + 1]`` complex, ``A[b, a, qy, qx] = F[qy + b nf, qx + a nf] / k^2`` with
+    ``F`` the full 2-D DFT of ``fine`` centred on a ``k nf`` square grid.
+
+    A point source at native-pixel position ``p`` then has the native-grid spectrum
+    ``sum_ab A[b, a] exp(-2 pi i (fy[b] p_y + fx[a] p_x))`` (``fy``, ``fx``: the fine grid's
+    signed frequencies in cycles per native pixel, ``render.psf_frequencies``): the fine PSF
+    shifted exactly and sampled at the pixel centres, in a ``nf`` FFT. ``fine`` sums to ``k^2``
+    for a unit-flux source (unit sum at native sampling).
+    """
+    n = k * nf
+    ny, nx = fine.shape
+    if ny > n or nx > n:
+        raise ValueError(f"PSF stamp {fine.shape} larger than the fine FFT grid {n}")
+    big = np.zeros((n, n))
+    big[:ny, :nx] = fine
+    big = np.roll(big, (-(ny // 2), -(nx // 2)), axis=(0, 1))
+    f = np.fft.fft2(big).reshape(k, nf, k, nf).transpose(0, 2, 1, 3)
+    return f[..., : nf // 2 + 1] / k**2
 
 
 def psf_fwhm(psf: np.ndarray, oversample: int = 1) -> float:

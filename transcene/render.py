@@ -1,7 +1,8 @@
 """Rendering a scene into one epoch's native pixels (JAX).
 
 Point sources: the epoch's ePSF shifted by an exact Fourier phase ramp (sinc interpolation of
-the PSF samples), so a source lands where the epoch's WCS says to floating-point precision.
+the PSF samples, on a finer grid when the file's PSF is finer, then sampled at the pixel
+centres), so a source lands where the epoch's WCS says to floating-point precision.
 
 Host: the host image lives on the model grid (nJy per model pixel, as a sum of point masses at
 model-pixel centres). It is convolved on the model grid with the epoch's ePSF resampled into
@@ -21,7 +22,7 @@ from jaxtyping import Array, Float
 
 from .dataset import EpochStack, ModelGrid
 
-__all__ = ["sample_affine", "point_sources", "host_on_epoch"]
+__all__ = ["sample_affine", "point_sources", "host_on_epoch", "psf_frequencies"]
 
 
 def sample_affine(
@@ -88,19 +89,32 @@ def host_on_epoch(
     return sample_affine(conv, mat, off, ep.data.shape)
 
 
+def psf_frequencies(nf: int, k: int) -> tuple[Array, Array]:
+    """Signed frequencies (cycles per native pixel) of a ``k`` times finer ``k nf`` grid, in the
+    folded layout of ``psf.alias_spectrum``: ``fy [k, nf]``, ``fx [k, nf // 2 + 1]``. For ``k = 1``
+    these are ``fftfreq`` and ``rfftfreq`` (Nyquist positive, as ``irfft`` reads it)."""
+    f = jnp.fft.fftfreq(k * nf, d=1.0 / k).reshape(k, nf)
+    fx = f[:, : nf // 2 + 1]
+    if k == 1:
+        fx = jnp.fft.rfftfreq(nf)[None, :]
+    return f, fx
+
+
 def point_sources(
     ep: EpochStack, offsets: Float[Array, "s 2"], fluxes: Float[Array, "s"], shift: Float[Array, "2"]
 ) -> Float[Array, "y x"]:
-    """Point sources of ``fluxes`` (nJy) at tangent-plane ``offsets`` (arcsec) in one epoch."""
-    nf = ep.psf_hat.shape[0]
+    """Point sources of ``fluxes`` (nJy) at tangent-plane ``offsets`` (arcsec) in one epoch.
+
+    ``ep.psf_hat`` is the folded spectrum ``[k, k, nf, nf // 2 + 1]`` of ``psf.alias_spectrum``
+    (``k = 1``: the native PSF's ``rfft2``); each source is the PSF shifted on its own grid and
+    sampled at the pixel centres."""
+    k, nf = ep.psf_hat.shape[0], ep.psf_hat.shape[2]
     pos = ep.p0[None, :] + (offsets + shift[None, :]) @ ep.amat.T  # (s, 2) pixel (x, y)
-    fy = jnp.fft.fftfreq(nf)
-    fx = jnp.fft.rfftfreq(nf)
-    phase = -2j * jnp.pi * (
-        fx[None, None, :] * pos[:, 0, None, None] + fy[None, :, None] * pos[:, 1, None, None]
-    )
-    spec = jnp.sum(fluxes[:, None, None] * jnp.exp(phase), axis=0)
-    img = jnp.fft.irfft2(ep.psf_hat * spec, s=(nf, nf))
+    fy, fx = psf_frequencies(nf, k)
+    ph_y = jnp.exp(-2j * jnp.pi * fy[None] * pos[:, 1, None, None])  # [s, b, qy]
+    ph_x = jnp.exp(-2j * jnp.pi * fx[None] * pos[:, 0, None, None])  # [s, a, qx]
+    spec = jnp.einsum("s,sbq,sar,baqr->qr", fluxes.astype(ph_y.dtype), ph_y, ph_x, ep.psf_hat)
+    img = jnp.fft.irfft2(spec, s=(nf, nf))
     ny, nx = ep.data.shape
     return img[:ny, :nx]
 

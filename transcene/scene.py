@@ -22,7 +22,7 @@ from jaxtyping import Array, Float
 
 from .dataset import EpochStack, ModelGrid
 from .host import PixelHost, SersicHost
-from .render import batched, host_on_epoch, point_sources
+from .render import psf_frequencies, batched, host_on_epoch, point_sources
 
 __all__ = ["SceneGlobal", "Scene", "render_stack", "LOCAL_FLUX", "LOCAL_SKY", "N_LOCAL"]
 
@@ -70,12 +70,14 @@ def with_psf_width(ep: EpochStack, width: Array, grid: ModelGrid) -> EpochStack:
     a = jnp.asarray(ep.amat)
     w = jnp.asarray(width)[..., None, None]
     var = 2.0 * w * jnp.asarray(ep.psf_var)[..., None, None]  # arcsec^2
-    nf = ep.psf_hat.shape[-2]
-    fy, fx = jnp.fft.fftfreq(nf)[:, None], jnp.fft.rfftfreq(nf)[None, :]
+    k, nf = ep.psf_hat.shape[-4], ep.psf_hat.shape[-2]
+    fy, fx = psf_frequencies(nf, k)
+    fy, fx = fy[:, None, :, None], fx[None, :, None, :]  # the [b, a, qy, qx] layout of psf_hat
     # pixel frequencies (cycles/px) to cycles/arcsec: k_sky = A^T k_px
-    kx = a[..., 0, 0, None, None] * fx + a[..., 1, 0, None, None] * fy
-    ky = a[..., 0, 1, None, None] * fx + a[..., 1, 1, None, None] * fy
-    psf_hat = ep.psf_hat * jnp.exp(-2.0 * jnp.pi**2 * var * (kx**2 + ky**2))
+    ax = a[..., None, None, :, :]
+    kx = ax[..., 0, 0, None, None] * fx + ax[..., 1, 0, None, None] * fy
+    ky = ax[..., 0, 1, None, None] * fx + ax[..., 1, 1, None, None] * fy
+    psf_hat = ep.psf_hat * jnp.exp(-2.0 * jnp.pi**2 * var[..., None, None, :, :] * (kx**2 + ky**2))
     m = grid.size
     gy, gx = jnp.fft.fftfreq(m)[:, None], jnp.fft.rfftfreq(m)[None, :]
     t = grid.to_model
