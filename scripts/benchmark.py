@@ -10,6 +10,8 @@ of them transient-free references, 2 bands, seeing 1.5-3", rotated epochs) and r
   reduced normal equations, tolerance as in a fit's first phase);
 * fit_with_errors_s, gn_iterations, status: a whole fit with uncertainties, compilation
   included (only for N <= --max-fit-epochs; above it the fit time is not measured);
+* warm_laplace_s, warm_linear_s: whole fits of a second simulated data set of the same shapes
+  (another seed), after compilation: what a nightly run over many targets pays per target;
 * peak_rss_mb: the process's peak resident memory (each N runs in its own process).
 
 Usage: python scripts/benchmark.py [--epochs 10 100 1000] [--size 64] [--max-fit-epochs 200]
@@ -19,6 +21,7 @@ Usage: python scripts/benchmark.py [--epochs 10 100 1000] [--size 64] [--max-fit
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import resource
 import subprocess
@@ -82,6 +85,17 @@ def run(n: int, size: int, do_fit: bool) -> dict:
         pulls = (np.asarray(lc["flux"]) - np.asarray(truth["flux_true"]))[sel] / np.asarray(lc["flux_err"])[sel]
         row["pull_mean"] = float(np.mean(pulls))
         row["pull_std"] = float(np.std(pulls))
+        eps2, truth2 = simulate(dataclasses.replace(cfg, seed=n + 1))
+        # the same fitted region, so the same shapes (the default radius follows the seeing)
+        ds2 = ts.make_dataset(eps2, SkyCoord(truth2.meta["transient_ra"] * u.deg, truth2.meta["transient_dec"] * u.deg),
+                              fit_radius=ds.fit_radius)
+        if ds2.grid.size != ds.grid.size:
+            raise RuntimeError("second data set has another model grid: the warm fits would compile")
+        for method in ("laplace", "linear"):
+            t0 = time.perf_counter()
+            res2 = ts.fit(ds2, method=method)
+            row[f"warm_{method}_s"] = time.perf_counter() - t0
+            row[f"warm_{method}_status"] = res2.status
     row["peak_rss_mb"] = _peak_mb()
     return row
 
