@@ -31,7 +31,7 @@ FLUX = np.array([0.0, 0.0, 30000.0, 20000.0, 40000.0])
 TRUE_RATIO = np.array([1.0, 1.0, 1.03, 0.98, 1.05])  # true FWHM / written FWHM
 
 
-def _epochs(seed: int) -> list[Epoch]:
+def _epochs(seed: int, over: int = 1) -> list[Epoch]:
     rng = np.random.default_rng(seed)
     wcs = make_wcs(TARGET, std_cd(1.0), (8.0, 8.0))
     pos = world_to_pixel(wcs, astropy_tangent_offsets_to_sky(TARGET, OFFSET))[0]
@@ -40,7 +40,8 @@ def _epochs(seed: int) -> list[Epoch]:
         truth = gaussian_image((SIZE, SIZE), pos[0], pos[1], f, FWHM * r * FWHM_TO_SIGMA) + 100.0
         out.append(Epoch(
             image=truth + rng.normal(0.0, NOISE, truth.shape), variance=np.full(truth.shape, NOISE**2),
-            mask=np.zeros(truth.shape, bool), psf=gaussian_psf(fwhm=FWHM, size=21), wcs=wcs, mjd=60100.0 + k,
+            mask=np.zeros(truth.shape, bool), psf=gaussian_psf(fwhm=FWHM, size=21 * over, oversample=over),
+            psf_oversample=over, wcs=wcs, mjd=60100.0 + k,
             band="r", zeropoint=31.4, exposure_id=f"e{k}", is_reference=(k < 2),
         ))
     return out
@@ -53,9 +54,10 @@ def fits():
             for pj in (0.0, 0.05)}
 
 
+@pytest.mark.parametrize("over", [1, 3])  # the PSF written at native sampling, and 3x finer
 @pytest.mark.parametrize("width", [0.0, 0.04, -0.03])
-def test_width_broadens_a_gaussian_psf_exactly(width):
-    ds = make_dataset(_epochs(1), TARGET, fit_radius=3.5, pad_epochs=False)
+def test_width_broadens_a_gaussian_psf_exactly(width, over):
+    ds = make_dataset(_epochs(1, over), TARGET, fit_radius=3.5, pad_epochs=False)
     ep = epoch_slice(ds.stacks[0], 2)
     wide = with_psf_width(ep, jnp.asarray(width), ds.grid)
     img = np.asarray(point_sources(wide, jnp.asarray([OFFSET]), jnp.ones(1), jnp.zeros(2)))
