@@ -9,7 +9,7 @@ grid, or ``k`` times finer. Two forms are derived per epoch:
   ePSF (FWHM below ~2 pixels) is not the sinc interpolant of its native samples; its finer
   samples are what makes a point source between pixel centres look right;
 - the *model-frame* PSF: the same function evaluated on the model grid's pixel offsets through the
-  epoch's affine map (cubic-spline interpolation of the finest samples available), used to
+  epoch's affine map (trigonometric interpolation of the finest samples available), used to
   convolve the host before it is sampled at the epoch's pixel centres.
 """
 

@@ -22,7 +22,7 @@ from jaxtyping import Array, Float
 
 from .dataset import EpochStack, ModelGrid
 from .host import PixelHost, SersicHost
-from .render import psf_frequencies, batched, host_on_epoch, point_sources
+from .render import batched, host_on_epoch, point_sources, psf_frequencies
 
 __all__ = ["SceneGlobal", "Scene", "render_stack", "LOCAL_FLUX", "LOCAL_SKY", "N_LOCAL"]
 
