@@ -54,8 +54,11 @@ def test_validation_campaign_small_grid(tmp_path):
                         "--seeds", "2"]) == 0
     from astropy.table import Table
 
-    cells = Table.read(tmp_path / "cells.ecsv")
-    assert list(cells["cell"]) == ["baseline:-", "sb:15", "offset:0.0fwhm"]
+    table = Table.read(tmp_path / "cells.ecsv")
+    assert list(table["cell"]) == ["baseline:-", "sb:15", "offset:0.0fwhm", "pooled:no-systematic"]
+    cells, pooled = table[:3], table[3]
+    assert pooled["n"] == 72 and pooled["converged"] == 6
+    assert 0.75 < pooled["pull_std"] < 1.25, pooled  # 72 correlated pulls from 6 fits: ~2.5 sigma
     for r in cells:
         assert r["converged"] == 2 and r["n"] == 24, r
         assert 0.7 < r["pull_std"] < 1.3, r  # 24 correlated pulls: loose
