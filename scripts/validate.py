@@ -235,61 +235,55 @@ def _seed_bootstrap(f: Table, rng: np.random.Generator) -> dict[str, float]:
     every cell draws the same noise for the same seed (a paired design: differences between
     cells are measured better than each cell), so for the pooled row the fits of one seed are
     not independent either."""
-    fit_id = np.asarray(f["seed"]).astype(str)
-    fits = np.unique(fit_id)
-    if fits.size < 3:
+    seed = np.asarray(f["seed"])
+    seeds = np.unique(seed)
+    if seeds.size < 3:
         return {}
     cols = [np.asarray(f[k], float) for k in ("flux", "flux_err", "flux_true", "crb")]
-    rows_of = [np.flatnonzero(fit_id == s) for s in fits]
+    rows_of = [np.flatnonzero(seed == s) for s in seeds]
     draws = []
     for _ in range(BOOTSTRAP):
-        idx = np.concatenate([rows_of[i] for i in rng.integers(0, fits.size, fits.size)])
+        idx = np.concatenate([rows_of[i] for i in rng.integers(0, seeds.size, seeds.size)])
         draws.append(cell_metrics(*(c[idx] for c in cols)))
     return {k: float(np.std([d[k] for d in draws], ddof=1)) for k in draws[0] if k != "n"}
 
 
-def _row(f: Table, rng: np.random.Generator) -> dict:
+def _row(f: Table, infos: list[dict], systematic: str, rng: np.random.Generator, **names) -> dict:
+    """One row of the cell table: statistics of the fluxes ``f`` with their bootstrap sds, the
+    fits' bookkeeping from ``infos``, and the goals met."""
     m = cell_metrics(f["flux"], f["flux_err"], f["flux_true"], f["crb"])
     boot = _seed_bootstrap(f, rng)
     for k in ("bias_crb", "pull_std", "coverage68", "coverage95"):
         m[f"{k}_sd"] = boot.get(k, np.nan)
-    m.update(chi2_dof=float(np.median(f["chi2_dof"])), sb_mag=float(np.median(f["sb_mag"])))
+    m.update(names, systematic=systematic or "none", seeds=len(infos),
+             converged=sum(i["status"] == "converged" for i in infos),
+             chi2_dof=float(np.median(f["chi2_dof"])), sb_mag=float(np.median(f["sb_mag"])),
+             fit_seconds=float(np.median([i["elapsed"] for i in infos])))
+    m["goals"] = goals(m, systematic)
+    u_goals = unresolved(m, systematic)
+    if u_goals:
+        m["goals"] += f" (unresolved: {u_goals})"
     return m
 
 
 def summarise(fluxes: Table, infos: list[dict]) -> Table:
     """One row per cell, then (with two or more of them) the cells without a systematic pooled:
-    the calibration of the error model as a whole, known far better than any one cell's."""
+    the calibration of the error model as a whole."""
     rows = []
     rng = np.random.default_rng(0)
     clean = []
+    cell_of = np.asarray(fluxes["cell"])
     for cell in CELLS:
-        sel = np.asarray(fluxes["cell"]) == cell.name
+        sel = cell_of == cell.name
         if not sel.any():
             continue
-        m = _row(fluxes[sel], rng)
         inf = [i for i in infos if i["cell"] == cell.name]
-        m.update(cell=cell.name, group=cell.group, systematic=cell.systematic or "none",
-                 seeds=len(inf), converged=sum(i["status"] == "converged" for i in inf),
-                 fit_seconds=float(np.median([i["elapsed"] for i in inf])))
-        m["goals"] = goals(m, cell.systematic)
-        u_goals = unresolved(m, cell.systematic)
-        if u_goals:
-            m["goals"] += f" (unresolved: {u_goals})"
-        rows.append(m)
+        rows.append(_row(fluxes[sel], inf, cell.systematic, rng, cell=cell.name, group=cell.group))
         if not cell.systematic:
             clean.append(cell.name)
     if len(clean) >= 2:
-        m = _row(fluxes[np.isin(np.asarray(fluxes["cell"]), clean)], rng)
         inf = [i for i in infos if i["cell"] in clean]
-        m.update(cell="pooled:no-systematic", group="pooled", systematic="none", seeds=len(inf),
-                 converged=sum(i["status"] == "converged" for i in inf),
-                 fit_seconds=float(np.median([i["elapsed"] for i in inf])))
-        m["goals"] = goals(m, "")
-        u_goals = unresolved(m, "")
-        if u_goals:
-            m["goals"] += f" (unresolved: {u_goals})"
-        rows.append(m)
+        rows.append(_row(fluxes[np.isin(cell_of, clean)], inf, "", rng, cell="pooled:no-systematic", group="pooled"))
     order = ["cell", "group", "systematic", "seeds", "converged", "n", "sb_mag", "bias_crb", "bias_crb_sd", "pull_mean",
              "pull_std", "pull_std_sd", "pull_robust_std", "coverage68", "coverage68_sd", "coverage95", "coverage95_sd",
              "err_over_crb", "chi2_dof", "fit_seconds", "goals"]

@@ -27,7 +27,7 @@ from jaxtyping import Array, Complex, Float
 from .epoch import Epoch
 from .errors import BaselineWarning, DatasetError, EpochSkippedWarning
 from .geometry import local_affine
-from .psf import alias_spectrum, centred_fft, crop_psf, native_psf, psf_fwhm, psf_to_model_frame
+from .psf import alias_spectrum, centred_fft, crop_psf, psf_fwhm, psf_to_model_frame
 
 __all__ = ["EpochStack", "ModelGrid", "Dataset", "make_dataset"]
 
@@ -248,9 +248,9 @@ def make_dataset(
     to_model = np.diag([-1.0 / scale_m, 1.0 / scale_m])
 
     # PSF half-sizes (native pixels): the whole PSF, but never beyond the fitted region + margin
-    natives = [native_psf(ep.psf, ep.psf_oversample) for ep in epochs]
     psf_half = [
-        min(nat.shape[0] // 2, int(math.ceil(fit_radius / g[2])) + 2) for nat, g in zip(natives, geo)
+        min(ep.psf.shape[0] // 2 // int(ep.psf_oversample), int(math.ceil(fit_radius / g[2])) + 2)
+        for ep, g in zip(epochs, geo)
     ]
     rq = max(int(math.ceil(h * g[2] / scale_m)) + 1 for h, g in zip(psf_half, geo))
     # Host parameters cover exactly the fitted region: host pixels outside it would be seen only
@@ -265,7 +265,7 @@ def make_dataset(
 
     # crop each epoch to the fitted region
     items = []
-    for ep, g, h, nat in zip(epochs, geo, psf_half, natives):
+    for ep, g, h in zip(epochs, geo, psf_half):
         p0, a, scale, _ = g
         hw = int(math.ceil(fit_radius / scale * math.sqrt(2))) + 1
         ny, nx = ep.shape
@@ -292,7 +292,7 @@ def make_dataset(
         c = ep.njy_per_unit
         img = np.where(w > 0, img * c, 0.0)
         w = w / c**2
-        items.append(dict(ep=ep, img=img, w=w, p0=pc, a=a, ainv=ainv, scale=scale, h=h, x0=x0, y0=y0, nat=nat))
+        items.append(dict(ep=ep, img=img, w=w, p0=pc, a=a, ainv=ainv, scale=scale, h=h, x0=x0, y0=y0))
     if not items:
         raise DatasetError("every epoch is fully masked within the fitted region")
 
@@ -367,14 +367,11 @@ def make_dataset(
             # the file's samples (unit sum at native sampling: k_e^2 over the finer samples)
             src = crop_psf(np.asarray(ep.psf, float), it["h"] * k_e)
             src = src * (k_e**2 / src.sum())
-            if k_s == 1:
-                psf_hat[slot, 0, 0] = centred_fft(src, (nf, nf))
-            else:
-                fine = src
-                if k_e != k_s:
-                    fine = psf_to_model_frame(src, np.eye(2) / k_s, it["h"] * k_s, nf, oversample=k_e)
-                    fine = fine * (k_s**2 / fine.sum())
-                psf_hat[slot] = alias_spectrum(fine, k_s, nf)
+            fine = src
+            if k_e != k_s:  # a coarser member of a finer stack: its samples interpolated
+                fine = psf_to_model_frame(src, np.eye(2) / k_s, it["h"] * k_s, nf, oversample=k_e)
+                fine = fine * (k_s**2 / fine.sum())
+            psf_hat[slot] = alias_spectrum(fine, k_s, nf)  # k_s = 1: the rfft2 of the stamp
             b_mat = it["a"] @ np.linalg.inv(to_model)  # epoch px per model px
             hq = min(int(math.ceil(it["h"] * it["scale"] / scale_m)) + 1, m_size // 2 - 1)
             q = psf_to_model_frame(src, b_mat, hq, nf, oversample=k_e)

@@ -74,10 +74,12 @@ def with_psf_width(ep: EpochStack, width: Array, grid: ModelGrid) -> EpochStack:
     fy, fx = psf_frequencies(nf, k)
     fy, fx = fy[:, None, :, None], fx[None, :, None, :]  # the [b, a, qy, qx] layout of psf_hat
     # pixel frequencies (cycles/px) to cycles/arcsec: k_sky = A^T k_px
-    ax = a[..., None, None, :, :]
-    kx = ax[..., 0, 0, None, None] * fx + ax[..., 1, 0, None, None] * fy
-    ky = ax[..., 0, 1, None, None] * fx + ax[..., 1, 1, None, None] * fy
-    psf_hat = ep.psf_hat * jnp.exp(-2.0 * jnp.pi**2 * var[..., None, None, :, :] * (kx**2 + ky**2))
+    def entry(i, j):  # A[i, j] broadcast against [b, a, qy, qx]
+        return a[..., i, j, None, None, None, None]
+
+    kx = entry(0, 0) * fx + entry(1, 0) * fy
+    ky = entry(0, 1) * fx + entry(1, 1) * fy
+    psf_hat = ep.psf_hat * jnp.exp(-2.0 * jnp.pi**2 * var[..., None, None] * (kx**2 + ky**2))
     m = grid.size
     gy, gx = jnp.fft.fftfreq(m)[:, None], jnp.fft.rfftfreq(m)[None, :]
     t = grid.to_model
