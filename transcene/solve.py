@@ -33,7 +33,7 @@ from .scene import LOCAL_NONLINEAR, LOCAL_PSF, LOCAL_SHIFT, LOCAL_ZP, Scene, Sce
 
 __all__ = ["Priors", "objective", "gauss_newton_step", "flux_covariance", "local_variances", "PriorArrays",
            "prior_arrays", "posterior_energy", "freeze_geometry", "keep_linear", "linear_solution",
-           "standardized_residuals"]
+           "standardized_residuals", "flux_estimator_variance"]
 
 log = logging.getLogger(__name__)
 
@@ -519,31 +519,11 @@ def _covariance_solves(scene: Scene, stacks, grid: ModelGrid, pa: PriorArrays, p
     return z, jnp.concatenate(local_var, axis=0), jnp.concatenate([xs, xs_pos], axis=0), its + its_pos
 
 
-def flux_covariance(scene: Scene, stacks, grid: ModelGrid, pa: PriorArrays, *, probes: int = 16,
-                    tol: float = LINEAR_TOL, seed: int = 0, deflate: bool = True):
-    """Covariance of the epoch fluxes over all epochs (stacks concatenated), marginalised.
-
-    ``Cov = diag(N_e^-1) + M`` with ``M = Z S^-1 Z^T`` (Z: the rows ``z_e``). M is exact when at
-    most ``probes`` epochs have a free flux (one solve per epoch); otherwise it is the Nystrom
-    approximation ``Y (Omega^T Y)^-1 Y^T``, ``Y = M Omega``. Omega holds one indicator column
-    per band (its free epochs) and Gaussian columns (fixed ``seed``) for the rest. M has one
-    dominant direction per band (the host light exactly under the transient, which only
-    transient-free epochs constrain: the band indicator is close to it) and then a tail falling
-    from ~1.5e-2 of the top. Measured on 26 free epochs in 2 bands (seeing 1.5-3", rotated
-    epochs): largest relative flux-error error 1.8e-3 with 8 probes, 1.4e-3 with 12, 4.5e-4
-    with 16 (random probes only: 4.4e-3, 1.1e-3, 5.9e-4). The probes (and the two position rows)
-    are solved by block CG (``_block_pcg``), which shares one Krylov space: on 31 epochs of
-    32x32 px, 16 probes take 27 block iterations and the position rows another 28, instead of
-    146 for the slowest of 18 independent solves (covariance 65-80 s -> 21 s; the exact path
-    with 26 probes: 30 s). It is still the largest part of a fit's
-    time (tests/test_geometry_render.py checks the approximation against the exact covariance).
-    The Nystrom term is never larger than the exact one (Loewner order), so an error it makes is
-    a slight underestimate. CG errors enter these
-    quadratic forms squared, hence ``tol``.
-
-    Returns ``(cov [E, E], local_var [E, 6], position_cov [2, 2], cg_iterations)`` where E is the
-    total number of (padded) epoch slots in stack order.
-    """
+def _probe_solves(scene: Scene, stacks, grid: ModelGrid, pa: PriorArrays, probes: int, tol: float, seed: int,
+                  deflate: bool):
+    """The probe matrix Omega ``[E, k]`` of ``flux_covariance`` and its solves: returns
+    ``(omega, z [E, n_g], local_var [E, 6], xs [k_pad + 2, n_g], cg_iterations)`` as numpy
+    arrays (``xs``: ``S^-1`` applied to the padded ``Omega^T Z`` rows, then the position rows)."""
     # epochs whose flux is free (the z rows of the others are exactly zero)
     free = np.flatnonzero(np.concatenate([np.asarray(st.free_flux * st.valid) for st in stacks]) > 0)
     n_e = sum(st.n_epochs for st in stacks)
@@ -573,7 +553,39 @@ def flux_covariance(scene: Scene, stacks, grid: ModelGrid, pa: PriorArrays, *, p
     e_pos[0, pos_idx] = e_pos[1, pos_idx + 1] = 1.0
     z, local_var, xs, its = _covariance_solves(scene, stacks, grid, pa, jnp.asarray(omega_t), jnp.asarray(e_pos),
                                                tol, deflate)
-    z, local_var, xs = np.asarray(z), np.asarray(local_var), np.asarray(xs)
+    return omega, np.asarray(z), np.asarray(local_var), np.asarray(xs), its
+
+
+def flux_covariance(scene: Scene, stacks, grid: ModelGrid, pa: PriorArrays, *, probes: int = 16,
+                    tol: float = LINEAR_TOL, seed: int = 0, deflate: bool = True):
+    """Covariance of the epoch fluxes over all epochs (stacks concatenated), marginalised.
+
+    ``Cov = diag(N_e^-1) + M`` with ``M = Z S^-1 Z^T`` (Z: the rows ``z_e``). M is exact when at
+    most ``probes`` epochs have a free flux (one solve per epoch); otherwise it is the Nystrom
+    approximation ``Y (Omega^T Y)^-1 Y^T``, ``Y = M Omega``. Omega holds one indicator column
+    per band (its free epochs) and Gaussian columns (fixed ``seed``) for the rest. M has one
+    dominant direction per band (the host light exactly under the transient, which only
+    transient-free epochs constrain: the band indicator is close to it) and then a tail falling
+    from ~1.5e-2 of the top. Measured on 26 free epochs in 2 bands (seeing 1.5-3", rotated
+    epochs): largest relative flux-error error 1.8e-3 with 8 probes, 1.4e-3 with 12, 4.5e-4
+    with 16 (random probes only: 4.4e-3, 1.1e-3, 5.9e-4). The probes (and the two position rows)
+    are solved by block CG (``_block_pcg``), which shares one Krylov space: on 31 epochs of
+    32x32 px, 16 probes take 27 block iterations and the position rows another 28, instead of
+    146 for the slowest of 18 independent solves (covariance 65-80 s -> 21 s; the exact path
+    with 26 probes: 30 s). It is still the largest part of a fit's
+    time (tests/test_geometry_render.py checks the approximation against the exact covariance).
+    The Nystrom term is never larger than the exact one (Loewner order), so an error it makes is
+    a slight underestimate. CG errors enter these
+    quadratic forms squared, hence ``tol``.
+
+    Returns ``(cov [E, E], local_var [E, 6], position_cov [2, 2], cg_iterations)`` where E is the
+    total number of (padded) epoch slots in stack order.
+    """
+    omega, z, local_var, xs, its = _probe_solves(scene, stacks, grid, pa, probes, tol, seed, deflate)
+    k = omega.shape[1]
+    k_pad = xs.shape[0] - 2
+    pos_idx = _position_index(scene.glob)
+    free = np.flatnonzero(np.abs(omega).sum(axis=1) > 0)
     y = z @ xs[:k].T  # [E, k] = M Omega
     core = omega.T @ y
     core = 0.5 * (core + core.T)
@@ -586,6 +598,31 @@ def flux_covariance(scene: Scene, stacks, grid: ModelGrid, pa: PriorArrays, *, p
     pos_cov = xs[k_pad:][:, [pos_idx, pos_idx + 1]]
     log.debug("flux covariance: %d probe solves for %d free epochs, %d CG iterations", k, free.size, int(its))
     return cov, local_var, pos_cov, int(its)
+
+
+def flux_estimator_variance(scene: Scene, stacks, grid: ModelGrid, pa: PriorArrays, *, tol: float = LINEAR_TOL,
+                            seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Posterior and sampling variances of every epoch flux of the linear problem at ``scene``.
+
+    The posterior mean of a linear Gaussian problem, ``x = H^-1 (J^T W d + P mu)`` with
+    ``H = F + P`` (F = J^T W J, P the prior precision), scatters over noise realisations with
+    covariance ``H^-1 F H^-1 = H^-1 - H^-1 P H^-1``: less than the posterior ``H^-1`` by the
+    prior's share. With ``x_e = H^-1 u_e`` (u_e: epoch e's flux), whose global part is
+    ``-S^-1 z_e``, that share is ``x_e^T P x_e``; only the global priors count (the local ones
+    are zero or pinned, where x_e vanishes). Exact (one probe per free epoch).
+
+    Returns ``(posterior_var [E], sampling_var [E])`` in nJy^2, stack order (0 where not free).
+    """
+    n_free = int(sum(np.sum(np.asarray(st.free_flux * st.valid) > 0) for st in stacks))
+    omega, z, local_var, xs, _ = _probe_solves(scene, stacks, grid, pa, max(n_free, 1), tol, seed, True)
+    g = omega @ xs[: omega.shape[1]]  # [E, n_g]: S^-1 z_e for the free epochs (Omega orthonormal on them)
+    post = local_var[:, 0] + np.einsum("ej,ej->e", z, g)
+    theta, unravel = ravel_pytree(scene.glob)
+    prior = jax.jit(lambda v: global_prior(unravel(v), pa, grid))
+    p0 = float(prior(theta))
+    # the prior energies are quadratic: g^T P g from a symmetric second difference
+    share = np.array([0.5 * (float(prior(theta + gi)) + float(prior(theta - gi))) - p0 for gi in jnp.asarray(g)])
+    return post, post - share
 
 
 def _position_index(glob: SceneGlobal) -> int:
