@@ -22,12 +22,12 @@ from transcene.simulate import SimulationConfig, simulate
 from transcene.solve import Priors, _local_prec, flux_estimator_variance, freeze_geometry, global_prior, prior_arrays
 from transcene.validation import control_variate_metrics, linear_oracle
 
-FIT_RADIUS = 5.0  # arcsec: a small problem (~600 parameters) whose normal matrix is formed densely
+FIT_RADIUS = 4.0  # arcsec: a small problem (~600 parameters) whose normal matrix is formed densely
 
 
 @pytest.fixture(scope="module")
 def problem():
-    cfg = SimulationConfig(n_epochs=8, n_reference=3, size=16, psf_size=15, bands=("r",), seeing_fwhm=(2.0, 3.0),
+    cfg = SimulationConfig(n_epochs=6, n_reference=2, size=14, psf_size=15, bands=("r",), seeing_fwhm=(2.0, 3.0),
                            rotate=True, host_mag=18.0, transient_offset=(0.6, 1.0), transient_peak_mag=19.0, seed=1)
     eps, truth = simulate(cfg)
     clean, _ = simulate(cfg, noiseless=True)
