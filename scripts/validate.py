@@ -159,10 +159,10 @@ def config_for(cell: Cell, mode: dict, seed: int) -> SimulationConfig:
     return SimulationConfig(**base)
 
 
-def simulate_cell(cell: Cell, mode: dict, seed: int) -> tuple[list, Table, SkyCoord, list]:
+def simulate_cell(cell: Cell, mode: dict, seed: int) -> tuple[list, Table, SkyCoord, tuple[list, list]]:
     """The cell's simulated epochs (outliers added), truth table, transient position, and the
-    epochs with their images replaced by the Gaussian noise alone (data minus the noiseless
-    simulation, before outliers: the control variate's input)."""
+    control variate's input: the noiseless simulation and the epochs with their images replaced
+    by the Gaussian noise alone (data minus noiseless, before outliers)."""
     cfg = config_for(cell, mode, seed)
     eps, truth = simulate(cfg)
     clean, _ = simulate(cfg, noiseless=True)
@@ -178,13 +178,14 @@ def simulate_cell(cell: Cell, mode: dict, seed: int) -> tuple[list, Table, SkyCo
                                 bad_column_fraction=cell.outliers["bad_column_fraction"])
             hit.append(b[0])
         eps = hit
-    return eps, truth, target, noise
+    return eps, truth, target, (noise, clean)
 
 
-def oracle(cell: Cell, noise: list, target: SkyCoord, exposure_ids) -> tuple[np.ndarray, np.ndarray]:
-    """``linear_oracle`` (the control variate and its sd, nJy) for the epochs ``exposure_ids``."""
-    z, sd = linear_oracle(noise, target, **cell.dataset_options)
-    row = {e.exposure_id: i for i, e in enumerate(noise)}
+def oracle(cell: Cell, noise: tuple[list, list], target: SkyCoord, exposure_ids) -> tuple[np.ndarray, np.ndarray]:
+    """``linear_oracle`` (the control variate and its sd, nJy) for the epochs ``exposure_ids``;
+    ``noise``: (noise-only epochs, noiseless epochs) from ``simulate_cell``."""
+    z, sd = linear_oracle(*noise, target, **cell.dataset_options)
+    row = {e.exposure_id: i for i, e in enumerate(noise[0])}
     idx = np.array([row[str(x)] for x in exposure_ids], int)
     return z[idx], sd[idx]
 

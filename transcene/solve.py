@@ -600,16 +600,40 @@ def flux_covariance(scene: Scene, stacks, grid: ModelGrid, pa: PriorArrays, *, p
     return cov, local_var, pos_cov, int(its)
 
 
+@eqx.filter_jit
+def _local_prior_share(scene: Scene, stacks, grid: ModelGrid, pa: PriorArrays, x_glob: jax.Array) -> jax.Array:
+    """``sum_e' l_e'^T P_e' l_e'`` for ``x = H^-1 u_e`` and every epoch e (stack order), given
+    the global parts ``x_glob [E, n_g]`` (``-S^-1 z_e``): the local parts follow by
+    back-substitution, ``l_e' = N_e'^-1 (delta_ee' u - B_e'^T x_glob)``, as in a Gauss-Newton step."""
+    sysd = _build(scene, stacks, grid, pa)
+    precs = [_local_prec(st) for st in stacks]
+    flux_unit = jnp.eye(6)[0]
+
+    def one(args):
+        xg, e = args
+        total, start = 0.0, 0
+        for ui, p, prec in zip(sysd["jvp_fn"](sysd["unravel"](xg)), sysd["parts"], precs):
+            c = jnp.einsum("eyxa,eyx->ea", p["jl"], p["w"] * ui)
+            own = (jnp.arange(c.shape[0]) + start == e)[:, None] * flux_unit[None, :]
+            loc = jnp.einsum("eab,eb->ea", p["ninv"], own - c)
+            total = total + jnp.sum(prec * loc**2)
+            start += c.shape[0]
+        return total
+
+    return jax.lax.map(one, (x_glob, jnp.arange(x_glob.shape[0])))
+
+
 def flux_estimator_variance(scene: Scene, stacks, grid: ModelGrid, pa: PriorArrays, *, tol: float = LINEAR_TOL,
                             seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Posterior and sampling variances of every epoch flux of the linear problem at ``scene``.
+    """Posterior and sampling variances of every epoch flux of the problem linearised at ``scene``.
 
-    The posterior mean of a linear Gaussian problem, ``x = H^-1 (J^T W d + P mu)`` with
-    ``H = F + P`` (F = J^T W J, P the prior precision), scatters over noise realisations with
-    covariance ``H^-1 F H^-1 = H^-1 - H^-1 P H^-1``: less than the posterior ``H^-1`` by the
-    prior's share. With ``x_e = H^-1 u_e`` (u_e: epoch e's flux), whose global part is
-    ``-S^-1 z_e``, that share is ``x_e^T P x_e``; only the global priors count (the local ones
-    are zero or pinned, where x_e vanishes). Exact (one probe per free epoch).
+    The Gauss-Newton estimate of a linear(ised) Gaussian problem, ``x = H^-1 (J^T W d + ...)``
+    with ``H = F + P`` (F = J^T W J, P the prior precision), scatters over noise realisations
+    with covariance ``H^-1 F H^-1 = H^-1 - H^-1 P H^-1``: less than the posterior ``H^-1`` by the
+    prior's share ``x_e^T P x_e`` with ``x_e = H^-1 u_e`` (u_e: epoch e's flux). Its global part
+    is ``-S^-1 z_e``, its local parts follow by back-substitution; every prior counts (host,
+    position, shifts, zero points, PSF widths; pinned ones contribute ~1/pin). Exact (one probe
+    per free epoch).
 
     Returns ``(posterior_var [E], sampling_var [E])`` in nJy^2, stack order (0 where not free).
     """
@@ -620,10 +644,11 @@ def flux_estimator_variance(scene: Scene, stacks, grid: ModelGrid, pa: PriorArra
     theta, unravel = ravel_pytree(scene.glob)
     prior = jax.jit(lambda v: global_prior(unravel(v), pa, grid))
     p0 = float(prior(theta))
-    # the prior energies are quadratic: g^T P g from a symmetric second difference
+    # the global prior energies are quadratic: g^T P g from a symmetric second difference
     share = np.array([0.5 * (float(prior(theta + gi)) + float(prior(theta - gi))) - p0 for gi in jnp.asarray(g)])
-    return post, post - share
-
+    share += np.asarray(_local_prior_share(scene, stacks, grid, pa, -jnp.asarray(g)))
+    free = omega.any(axis=1)
+    return np.where(free, post, 0.0), np.where(free, post - share, 0.0)
 
 def _position_index(glob: SceneGlobal) -> int:
     """Flat index of position[0] in ravel_pytree(glob) (static)."""
