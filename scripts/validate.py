@@ -433,9 +433,9 @@ def report(cells: Table, mode: str, seconds: float) -> str:
              "points of 68.3 / 95.4 %, median flux_err/CRB <= 1.05. With a systematic: |bias| < 0.2 CRB, pull std <= 1.10.",
              "",
              "The goals are judged on the control-variate (cv) estimates: the same statistics with the noise "
-             "response of a linear estimator that knows the geometry subtracted (transcene.validation.linear_oracle; "
+             "response of the fitted model linearised at a noise-free point subtracted (transcene.validation.linear_oracle; "
              "its mean and variance are known exactly, so the estimates stay unbiased while their scatter over noise "
-             "realisations falls several-fold). bias: mean (flux - true - z) / CRB; pull: rms pull. The raw "
+             "realisations falls several-fold; docs/validation.md). bias: mean (flux - true - z) / CRB; pull: rms pull. The raw "
              "statistics follow (bias: median (flux - true) / CRB as VALIDATION.md defines it). +- is the bootstrap "
              "sd over seeds (3 or more); 'unresolved' lists the goals narrower than twice that sd. With one seed "
              "per cell (fast mode) the raw statistics are indicative only (a pull std from 16 fluxes scatters by "
