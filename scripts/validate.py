@@ -67,7 +67,7 @@ import astropy.units as u
 import transcene as ts
 from transcene.epoch import NJY_AB_ZEROPOINT
 from transcene.simulate import SimulationConfig, add_outliers, simulate
-from transcene.validation import COVERAGE_LEVELS, cell_metrics, control_variate_metrics, crb_at_truth, linear_oracle
+from transcene.validation import COVERAGE_LEVELS, cell_metrics, control_variate_metrics, linear_oracle
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -181,13 +181,13 @@ def simulate_cell(cell: Cell, mode: dict, seed: int) -> tuple[list, Table, SkyCo
     return eps, truth, target, (noise, clean)
 
 
-def oracle(cell: Cell, noise: tuple[list, list], target: SkyCoord, exposure_ids) -> tuple[np.ndarray, np.ndarray]:
-    """``linear_oracle`` (the control variate and its sd, nJy) for the epochs ``exposure_ids``;
-    ``noise``: (noise-only epochs, noiseless epochs) from ``simulate_cell``."""
-    z, sd = linear_oracle(*noise, target, **cell.dataset_options)
+def oracle(cell: Cell, noise: tuple[list, list], target: SkyCoord, exposure_ids) -> tuple[np.ndarray, ...]:
+    """``linear_oracle`` (the control variate, its sd and the CRB, nJy) for the epochs
+    ``exposure_ids``; ``noise``: (noise-only epochs, noiseless epochs) from ``simulate_cell``."""
+    out = linear_oracle(*noise, target, **cell.dataset_options)
     row = {e.exposure_id: i for i, e in enumerate(noise[0])}
     idx = np.array([row[str(x)] for x in exposure_ids], int)
-    return z[idx], sd[idx]
+    return tuple(v[idx] for v in out)
 
 
 def run_one(cell: Cell, mode: dict, seed: int) -> tuple[Table, dict]:
@@ -199,7 +199,6 @@ def run_one(cell: Cell, mode: dict, seed: int) -> tuple[Table, dict]:
         warnings.simplefilter("ignore", ts.errors.BaselineWarning)
         res = ts.fit(ts.make_dataset(eps, target, **cell.dataset_options), **cell.fit_options)
     elapsed = time.perf_counter() - t0
-    crb = crb_at_truth(res, truth)
     lc = res.lightcurve()
     idx = np.asarray(res.dataset.epochs["index"])
     sel = ~np.asarray(lc["is_reference"])
@@ -210,20 +209,20 @@ def run_one(cell: Cell, mode: dict, seed: int) -> tuple[Table, dict]:
         "cell": [cell.name] * int(sel.sum()), "seed": np.full(sel.sum(), seed),
         "exposure_id": np.asarray(lc["exposure_id"])[sel], "band": np.asarray(lc["band"])[sel],
         "flux": np.asarray(lc["flux"])[sel] * u.nJy, "flux_err": np.asarray(lc["flux_err"])[sel] * u.nJy,
-        "flux_true": np.asarray(tr["flux_true"])[sel] * u.nJy, "crb": crb[sel] * u.nJy,
+        "flux_true": np.asarray(tr["flux_true"])[sel] * u.nJy,
         "chi2_dof": np.asarray(lc["chi2_dof"])[sel], "sb_mag": sb[sel] * u.mag / u.arcsec**2,
     })
     t["pull"] = (t["flux"] - t["flux_true"]) / t["flux_err"]
-    z, z_sd = oracle(cell, noise, target, t["exposure_id"])
-    t["oracle"], t["oracle_sd"] = z * u.nJy, z_sd * u.nJy
+    z, z_sd, crb = oracle(cell, noise, target, t["exposure_id"])
+    t["crb"], t["oracle"], t["oracle_sd"] = crb * u.nJy, z * u.nJy, z_sd * u.nJy
     info = dict(cell=cell.name, seed=seed, status=res.status, elapsed=elapsed, n_iter=res.n_iter)
     return t, info
 
 
 def add_oracle(fluxes: Table, mode: dict, save=None) -> Table:
-    """``fluxes`` with the control variate filled in for the (cell, seed) fits that lack it
-    (campaigns begun before it existed), calling ``save(fluxes)`` after each. It needs only the
-    simulation, not the fit."""
+    """``fluxes`` with the control variate (and the CRB from the same linearisation, replacing
+    ``crb_at_truth``'s) filled in for the (cell, seed) fits that lack it (campaigns begun before
+    it existed), calling ``save(fluxes)`` after each. It needs only the simulation, not the fit."""
     fluxes = Table(fluxes, masked=False, copy=True)
     for name in ("oracle", "oracle_sd"):
         old = np.ma.filled(np.ma.asarray(fluxes[name], float), np.nan) if name in fluxes.colnames else np.nan
@@ -234,8 +233,8 @@ def add_oracle(fluxes: Table, mode: dict, save=None) -> Table:
     for k, (name, seed) in enumerate(todo):
         sel = np.flatnonzero((np.asarray(fluxes["cell"]) == name) & (np.asarray(fluxes["seed"]) == seed))
         _, _, target, noise = simulate_cell(by_name[name], mode, seed)
-        z, z_sd = oracle(by_name[name], noise, target, fluxes["exposure_id"][sel])
-        fluxes["oracle"][sel], fluxes["oracle_sd"][sel] = z, z_sd
+        z, z_sd, crb = oracle(by_name[name], noise, target, fluxes["exposure_id"][sel])
+        fluxes["oracle"][sel], fluxes["oracle_sd"][sel], fluxes["crb"][sel] = z, z_sd, crb
         if save is not None:
             save(fluxes)
         print(f"control variate added: {name} seed {seed} ({k + 1}/{len(todo)})", flush=True)

@@ -97,7 +97,7 @@ def test_estimator_variance_equals_the_dense_posterior_and_sandwich(problem):
 
 def test_linear_oracle_is_the_dense_linearised_estimate_of_the_noise(problem):
     p = problem
-    z, sd = linear_oracle(p["noise"], p["clean"], p["target"], fit_radius=FIT_RADIUS)
+    z, sd, crb = linear_oracle(p["noise"], p["clean"], p["target"], fit_radius=FIT_RADIUS)
     rows = np.asarray(p["ds"].epochs["index"])  # input epoch of each data-set row
     slots = np.asarray(p["ds"].epochs["slot"])
     dense = (p["h_inv"] @ p["jac"].T @ p["noise_data"])[p["flux_idx"]]
@@ -105,8 +105,9 @@ def test_linear_oracle_is_the_dense_linearised_estimate_of_the_noise(problem):
     free = p["free"][slots]
     np.testing.assert_allclose(z[rows][free], dense[slots][free], rtol=1e-3, atol=1e-3 * dense_sd[slots][free].max())
     np.testing.assert_allclose(sd[rows][free], dense_sd[slots][free], rtol=3e-5)  # CG to 1e-4
+    np.testing.assert_allclose(crb[rows][free], np.sqrt(np.diag(p["h_inv"]))[p["flux_idx"]][slots][free], rtol=3e-5)
     # reference epochs have no free flux: no control variate
-    assert np.all(np.isnan(z[rows][~free])) and np.all(np.isnan(sd[rows][~free]))
+    assert all(np.all(np.isnan(v[rows][~free])) for v in (z, sd, crb))
 
 
 def test_control_variate_metrics_are_unbiased_and_sharper():

@@ -48,7 +48,8 @@ def _campaign(calls: list, with_oracle: bool = True, oracle_calls: list | None =
     def fake_oracle(cell, noise, target, exposure_ids):
         oracle_calls.append(noise)
         z, _ = _fake_noise(*noise)
-        return z[np.asarray(exposure_ids, int)], np.full(len(exposure_ids), Z_SD)
+        n = len(exposure_ids)
+        return z[np.asarray(exposure_ids, int)], np.full(n, Z_SD), np.full(n, np.hypot(Z_SD, EXTRA_SD))
 
     # main() looks these up in its own module globals (runpy returns a copy of them)
     g = mod["main"].__globals__
