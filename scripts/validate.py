@@ -35,9 +35,9 @@ realisations too): with 8 seeds of 26 fluxes a raw pull std is known to about +-
 bias to about +-0.16 CRB, more than the goals' widths. So every fit also records a control
 variate (``transcene.validation.linear_oracle``): the flux errors that the fitted model,
 linearised at a noise-free point near the truth, makes on the same noise. Its mean (0) and
-variance are known exactly, and it reproduces most of the fit's noise response, so subtracting it leaves unbiased estimates of the
-same bias, pull rms and coverage with a fraction of the scatter (the "cv" columns; the goals are
-judged on them). It needs only the simulation: ``--resume`` adds it to fits made without it.
+variance are known exactly, and it reproduces most of the fit's noise response, so subtracting
+it leaves unbiased estimates of the same bias, pull rms and coverage with a fraction of the
+scatter (the "cv" columns; the goals are judged on them). It needs only the simulation: ``--resume`` adds it to fits made without it.
 A cell "meets" a goal on its point estimate; the report flags the goals that the uncertainty
 cannot resolve. The last row pools the cells without a systematic.
 

@@ -135,6 +135,11 @@ class Dataset:
     def n_epochs(self) -> int:
         return len(self.epochs)
 
+    def stack_rows(self) -> np.ndarray:
+        """Each epoch's row (``epochs`` order) in the per-slot arrays of all stacks concatenated."""
+        offsets = np.cumsum([0] + [st.n_epochs for st in self.stacks])
+        return offsets[np.asarray(self.epochs["stack"], int)] + np.asarray(self.epochs["slot"], int)
+
 
 def _bucket(n: int, multiple: int) -> int:
     return int(math.ceil(n / multiple) * multiple)

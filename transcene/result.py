@@ -86,9 +86,7 @@ class FitResult:
         return self.status == "converged"
 
     def _slots(self) -> np.ndarray:
-        offs = np.cumsum([0] + [st.n_epochs for st in self.dataset.stacks])
-        t = self.dataset.epochs
-        return np.array([offs[s] + k for s, k in zip(t["stack"], t["slot"])], dtype=int)
+        return self.dataset.stack_rows()
 
     def _local(self) -> np.ndarray:
         return np.concatenate([np.asarray(loc) for loc in self.scene.local], axis=0)[self._slots()]

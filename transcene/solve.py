@@ -488,10 +488,10 @@ def gauss_newton_step(scene: Scene, stacks, grid: ModelGrid, pa: PriorArrays, to
 
 @eqx.filter_jit
 def _covariance_solves(scene: Scene, stacks, grid: ModelGrid, pa: PriorArrays, probes_t: jax.Array,
-                       e_pos: jax.Array, tol: float, deflate: bool = True):
+                       e_pos: jax.Array | None, tol: float, deflate: bool = True):
     """The ``z_e`` (how each epoch's flux couples to the global parameters), the local
-    variances, and ``S^-1`` applied to ``probes_t @ Z`` and to the rows of ``e_pos``, all from one
-    linearisation (S: the reduced global normal matrix)."""
+    variances, and ``S^-1`` applied to ``probes_t @ Z`` and to the rows of ``e_pos`` (none when
+    ``e_pos`` is None), all from one linearisation (S: the reduced global normal matrix)."""
     sysd = _build(scene, stacks, grid, pa)
     glob = scene.glob
     zs = []
@@ -515,15 +515,18 @@ def _covariance_solves(scene: Scene, stacks, grid: ModelGrid, pa: PriorArrays, p
     # the probes' deflation: without it the position solve met the residual tolerance with its
     # standard deviation 10 % off (the residual of a unit vector says little here)
     xs, its, _ = block(b_rows, tol)
+    if e_pos is None:
+        return z, jnp.concatenate(local_var, axis=0), xs, its
     xs_pos, its_pos, _ = block(e_pos, tol)
     return z, jnp.concatenate(local_var, axis=0), jnp.concatenate([xs, xs_pos], axis=0), its + its_pos
 
 
 def _probe_solves(scene: Scene, stacks, grid: ModelGrid, pa: PriorArrays, probes: int, tol: float, seed: int,
-                  deflate: bool):
+                  deflate: bool, position: bool):
     """The probe matrix Omega ``[E, k]`` of ``flux_covariance`` and its solves: returns
-    ``(omega, z [E, n_g], local_var [E, 6], xs [k_pad + 2, n_g], cg_iterations)`` as numpy
-    arrays (``xs``: ``S^-1`` applied to the padded ``Omega^T Z`` rows, then the position rows)."""
+    ``(omega, z [E, n_g], local_var [E, 6], xs [k, n_g], xs_pos [2, n_g] or None, cg_iterations)``
+    as numpy arrays (``xs``: ``S^-1`` applied to the ``Omega^T Z`` rows; ``xs_pos`` to the
+    position's unit rows, solved only with ``position``)."""
     # epochs whose flux is free (the z rows of the others are exactly zero)
     free = np.flatnonzero(np.concatenate([np.asarray(st.free_flux * st.valid) for st in stacks]) > 0)
     n_e = sum(st.n_epochs for st in stacks)
@@ -547,13 +550,16 @@ def _probe_solves(scene: Scene, stacks, grid: ModelGrid, pa: PriorArrays, probes
     k_pad = 1 << max(k - 1, 0).bit_length()  # bucketed so compiled solves are reused
     omega_t = np.zeros((k_pad, n_e))
     omega_t[:k] = omega.T
-    n_g = ravel_pytree(scene.glob)[0].shape[0]
-    pos_idx = _position_index(scene.glob)
-    e_pos = np.zeros((2, n_g))
-    e_pos[0, pos_idx] = e_pos[1, pos_idx + 1] = 1.0
-    z, local_var, xs, its = _covariance_solves(scene, stacks, grid, pa, jnp.asarray(omega_t), jnp.asarray(e_pos),
-                                               tol, deflate)
-    return omega, np.asarray(z), np.asarray(local_var), np.asarray(xs), its
+    e_pos = None
+    if position:
+        n_g = ravel_pytree(scene.glob)[0].shape[0]
+        pos_idx = _position_index(scene.glob)
+        e_pos = np.zeros((2, n_g))
+        e_pos[0, pos_idx] = e_pos[1, pos_idx + 1] = 1.0
+        e_pos = jnp.asarray(e_pos)
+    z, local_var, xs, its = _covariance_solves(scene, stacks, grid, pa, jnp.asarray(omega_t), e_pos, tol, deflate)
+    xs = np.asarray(xs)
+    return omega, np.asarray(z), np.asarray(local_var), xs[:k], (xs[k_pad:] if position else None), its
 
 
 def flux_covariance(scene: Scene, stacks, grid: ModelGrid, pa: PriorArrays, *, probes: int = 16,
@@ -581,12 +587,9 @@ def flux_covariance(scene: Scene, stacks, grid: ModelGrid, pa: PriorArrays, *, p
     Returns ``(cov [E, E], local_var [E, 6], position_cov [2, 2], cg_iterations)`` where E is the
     total number of (padded) epoch slots in stack order.
     """
-    omega, z, local_var, xs, its = _probe_solves(scene, stacks, grid, pa, probes, tol, seed, deflate)
-    k = omega.shape[1]
-    k_pad = xs.shape[0] - 2
+    omega, z, local_var, xs, xs_pos, its = _probe_solves(scene, stacks, grid, pa, probes, tol, seed, deflate, True)
     pos_idx = _position_index(scene.glob)
-    free = np.flatnonzero(np.abs(omega).sum(axis=1) > 0)
-    y = z @ xs[:k].T  # [E, k] = M Omega
+    y = z @ xs.T  # [E, k] = M Omega
     core = omega.T @ y
     core = 0.5 * (core + core.T)
     # pseudo-inverse through the eigen-decomposition (the core is PSD up to round-off)
@@ -595,24 +598,33 @@ def flux_covariance(scene: Scene, stacks, grid: ModelGrid, pa: PriorArrays, *, p
     yv = y @ vec[:, good]
     m_mat = (yv / lam[good]) @ yv.T
     cov = np.diag(local_var[:, 0]) + 0.5 * (m_mat + m_mat.T)
-    pos_cov = xs[k_pad:][:, [pos_idx, pos_idx + 1]]
-    log.debug("flux covariance: %d probe solves for %d free epochs, %d CG iterations", k, free.size, int(its))
+    pos_cov = xs_pos[:, [pos_idx, pos_idx + 1]]
+    log.debug("flux covariance: %d probe solves for %d free epochs, %d CG iterations", omega.shape[1],
+              int(omega.any(axis=1).sum()), int(its))
     return cov, local_var, pos_cov, int(its)
 
 
 @eqx.filter_jit
-def _local_prior_share(scene: Scene, stacks, grid: ModelGrid, pa: PriorArrays, x_glob: jax.Array) -> jax.Array:
-    """``sum_e' l_e'^T P_e' l_e'`` for ``x = H^-1 u_e`` and every epoch e (stack order), given
-    the global parts ``x_glob [E, n_g]`` (``-S^-1 z_e``): the local parts follow by
+def _prior_share(scene: Scene, stacks, grid: ModelGrid, pa: PriorArrays, x_glob: jax.Array) -> jax.Array:
+    """``x_e^T P x_e`` for ``x_e = H^-1 u_e`` and every epoch e (stack order), given the global
+    parts ``x_glob [E, n_g]`` (``-S^-1 z_e``). The global priors are quadratic, so their share is
+    a symmetric second difference of the prior energy; the local parts follow by
     back-substitution, ``l_e' = N_e'^-1 (delta_ee' u - B_e'^T x_glob)``, as in a Gauss-Newton step."""
     sysd = _build(scene, stacks, grid, pa)
+    theta, unravel = ravel_pytree(scene.glob)
     precs = [_local_prec(st) for st in stacks]
     flux_unit = jnp.eye(6)[0]
 
+    def prior(v):
+        return global_prior(unravel(v), pa, grid)
+
+    p0 = prior(theta)
+
     def one(args):
         xg, e = args
-        total, start = 0.0, 0
-        for ui, p, prec in zip(sysd["jvp_fn"](sysd["unravel"](xg)), sysd["parts"], precs):
+        total = 0.5 * (prior(theta + xg) + prior(theta - xg)) - p0
+        start = 0
+        for ui, p, prec in zip(sysd["jvp_fn"](unravel(xg)), sysd["parts"], precs):
             c = jnp.einsum("eyxa,eyx->ea", p["jl"], p["w"] * ui)
             own = (jnp.arange(c.shape[0]) + start == e)[:, None] * flux_unit[None, :]
             loc = jnp.einsum("eab,eb->ea", p["ninv"], own - c)
@@ -638,17 +650,13 @@ def flux_estimator_variance(scene: Scene, stacks, grid: ModelGrid, pa: PriorArra
     Returns ``(posterior_var [E], sampling_var [E])`` in nJy^2, stack order (0 where not free).
     """
     n_free = int(sum(np.sum(np.asarray(st.free_flux * st.valid) > 0) for st in stacks))
-    omega, z, local_var, xs, _ = _probe_solves(scene, stacks, grid, pa, max(n_free, 1), tol, seed, True)
-    g = omega @ xs[: omega.shape[1]]  # [E, n_g]: S^-1 z_e for the free epochs (Omega orthonormal on them)
+    omega, z, local_var, xs, _, _ = _probe_solves(scene, stacks, grid, pa, max(n_free, 1), tol, seed, True, False)
+    g = omega @ xs  # [E, n_g]: S^-1 z_e for the free epochs (Omega orthonormal on them)
     post = local_var[:, 0] + np.einsum("ej,ej->e", z, g)
-    theta, unravel = ravel_pytree(scene.glob)
-    prior = jax.jit(lambda v: global_prior(unravel(v), pa, grid))
-    p0 = float(prior(theta))
-    # the global prior energies are quadratic: g^T P g from a symmetric second difference
-    share = np.array([0.5 * (float(prior(theta + gi)) + float(prior(theta - gi))) - p0 for gi in jnp.asarray(g)])
-    share += np.asarray(_local_prior_share(scene, stacks, grid, pa, -jnp.asarray(g)))
+    share = np.asarray(_prior_share(scene, stacks, grid, pa, -jnp.asarray(g)))
     free = omega.any(axis=1)
     return np.where(free, post, 0.0), np.where(free, post - share, 0.0)
+
 
 def _position_index(glob: SceneGlobal) -> int:
     """Flat index of position[0] in ravel_pytree(glob) (static)."""

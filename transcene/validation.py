@@ -53,9 +53,7 @@ def crb_at_truth(result: FitResult, truth: Table) -> np.ndarray:
     truth_scene = eqx.tree_at(lambda s: (s.glob.position, s.local), scene, (jnp.zeros(2), tuple(local)))
     pa = prior_arrays(ds, Priors(), np.asarray(scene.glob.star_position))
     cov, *_ = flux_covariance(truth_scene, ds.stacks, ds.grid, pa, probes=128)  # 128 probes: exact here
-    offsets = np.cumsum([0] + [st.n_epochs for st in ds.stacks])
-    idx = offsets[np.asarray(ds.epochs["stack"])] + np.asarray(ds.epochs["slot"])
-    return np.sqrt(np.diag(cov)[idx])
+    return np.sqrt(np.diag(cov)[ds.stack_rows()])
 
 
 def cell_metrics(flux: np.ndarray, err: np.ndarray, true: np.ndarray, crb: np.ndarray) -> dict[str, float]:
@@ -113,20 +111,20 @@ def linear_oracle(noise: list[Epoch], clean: list[Epoch], target: SkyCoord,
     scene0, frozen, pa_frozen = freeze_geometry(scene, ds.stacks, pa, ds.grid)
     theta0, _, _ = linear_solution(scene0, frozen, ds.grid, pa_frozen)  # zero shifts: valid unfrozen too
 
+    models = [render_stack(theta0.glob, loc, st, ds.grid) for loc, st in zip(theta0.local, ds.stacks)]
+
     def step_fluxes(with_noise: bool) -> np.ndarray:
-        stacks = []
-        for loc, st, st_n in zip(theta0.local, ds.stacks, ds_noise.stacks):
-            data = render_stack(theta0.glob, loc, st, ds.grid) + (st_n.data if with_noise else 0.0)
-            stacks.append(eqx.tree_at(lambda s: s.data, st, jnp.where(st.weight > 0, data, 0.0)))
-        step, *_ = gauss_newton_step(theta0, tuple(stacks), ds.grid, pa, LINEAR_TOL)
+        stacks = tuple(
+            eqx.tree_at(lambda s: s.data, st, jnp.where(st.weight > 0, m + (st_n.data if with_noise else 0.0), 0.0))
+            for m, st, st_n in zip(models, ds.stacks, ds_noise.stacks))
+        step, *_ = gauss_newton_step(theta0, stacks, ds.grid, pa, LINEAR_TOL)
         return np.concatenate([np.asarray(loc[:, 0]) for loc in step.local])
 
     # the step is affine in the residual: its noise-free part (the prior's pull, the shifts'
     # gradient at theta0) does not depend on the noise and cancels
     flux = step_fluxes(True) - step_fluxes(False)
     post, samp = flux_estimator_variance(theta0, ds.stacks, ds.grid, pa)
-    offsets = np.cumsum([0] + [st.n_epochs for st in ds.stacks])
-    rows = offsets[np.asarray(ds.epochs["stack"])] + np.asarray(ds.epochs["slot"])
+    rows = ds.stack_rows()
     free = np.concatenate([np.asarray(st.free_flux * st.valid) for st in ds.stacks])[rows] > 0
     z, sd, crb = (np.full(len(noise), np.nan) for _ in range(3))
     idx = np.asarray(ds.epochs["index"])
