@@ -28,6 +28,8 @@ def main(argv=None) -> int:
     p.add_argument("outdir", nargs="?", default="sn2021rhu-out")
     p.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "ztf-sn2021rhu"))
     p.add_argument("--oversample", type=float, default=2.0)
+    p.add_argument("--no-refine-psf", action="store_true",
+                   help="sinc-interpolate the native PSFs instead of refining the undersampled ones")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     data = Path(args.data)
@@ -39,7 +41,7 @@ def main(argv=None) -> int:
     epochs = ztf_sn2021rhu_epochs(data)
     cand = Table.read(data / "alerts_candidates.csv")
     target = SkyCoord(np.median(cand["ra"]) * u.deg, np.median(cand["dec"]) * u.deg)
-    ds = ts.make_dataset(epochs, target, model_oversample=args.oversample)
+    ds = ts.make_dataset(epochs, target, model_oversample=args.oversample, refine_psf=not args.no_refine_psf)
     result = ts.fit(ds)
     lc = result.lightcurve()
     ts.write_table(lc, out / "lightcurve.ecsv")
