@@ -87,6 +87,27 @@ def test_fit_rejects_bad_student_t(small_sim):
     assert "--student-t must be a positive number of degrees of freedom, got -1.0" in res.output
 
 
+def test_fit_rejects_bad_position_prior(small_sim):
+    res = runner.invoke(app, ["fit", str(small_sim), "--position-prior", "0", "-q"])
+    assert res.exit_code == EXIT_BAD_INPUT
+    assert "--position-prior must be a width in arcsec > 0, got 0.0" in res.output
+
+
+def test_position_prior_holds_the_transient_at_the_coordinate(small_sim, fitted, tmp_path):
+    """A prior of 1 mas pins the fitted position to RA/Dec; the default (0.5") lets it move."""
+    out, truth, _ = fitted
+    res = runner.invoke(app, [
+        "fit", *[str(p) for p in sorted(small_sim.glob("epoch_*.fits"))],
+        "--ra", str(truth.meta["transient_ra"] + 0.3 / 3600), "--dec", str(truth.meta["transient_dec"]),
+        "--position-prior", "0.001", "-o", str(tmp_path / "lc.ecsv"), "-q",
+    ])
+    assert res.exit_code == 0, res.output
+    pinned = Table.read(tmp_path / "lc.ecsv").meta["transient_offset_arcsec"]
+    assert max(abs(v) for v in pinned) < 0.002, pinned
+    free = Table.read(out / "lc.ecsv").meta["transient_offset_arcsec"]
+    assert max(abs(v) for v in free) > 0.002, free  # the default fit moved off its coordinate
+
+
 def test_fit_rejects_unknown_method(small_sim):
     res = runner.invoke(app, ["fit", str(small_sim), "--method", "mcmc", "-q"])
     assert res.exit_code == EXIT_BAD_INPUT
