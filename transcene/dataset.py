@@ -309,7 +309,7 @@ def make_dataset(
         if k_refine > 1:
             psf, k_psf = refine_undersampled_psf(psf, k_refine).psf, k_refine
         items.append(dict(ep=ep, img=img, w=w, p0=pc, a=a, ainv=ainv, scale=scale, h=h, x0=x0, y0=y0,
-                          psf=psf, k_psf=k_psf))
+                          psf=psf, k_psf=k_psf, refined=k_refine > 1))
     if not items:
         raise DatasetError("every epoch is fully masked within the fitted region")
 
@@ -384,7 +384,9 @@ def make_dataset(
             # the file's samples, or their refinement (unit sum at native sampling: k_e^2 over
             # the finer samples)
             src = crop_psf(it["psf"], it["h"] * k_e)
-            src = src * (k_e**2 / src.sum())
+            # a refined PSF keeps the native stamp's convention: unit sum over the samples at
+            # native positions (the centre is one), whatever wings the stamp truncates
+            src = src / src[::k_e, ::k_e].sum() if it["refined"] else src * (k_e**2 / src.sum())
             fine = src
             if k_e != k_s:  # a coarser member of a finer stack: its samples interpolated
                 fine = psf_to_model_frame(src, np.eye(2) / k_s, it["h"] * k_s, nf, oversample=k_e)

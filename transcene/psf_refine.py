@@ -63,7 +63,9 @@ def refine_factor(fwhm_px: float, threshold: float = REFINE_BELOW_FWHM) -> int:
 class RefinedPsf:
     """A native PSF resampled ``oversample`` times finer, and the profile fit behind it.
 
-    ``psf`` sums to ``oversample**2`` (unit sum at native sampling). ``residual_rms``: rms of
+    ``psf`` equals the unit-sum native stamp at the native sample positions (every
+    ``oversample``-th sample through the centre); its sum is ``oversample**2`` up to the wings
+    the stamp truncates. ``residual_rms``: rms of
     native samples minus profile relative to the PSF's peak (how much the table carries);
     ``converged``: whether the profile fit converged (if not, the table carries more, and the
     result is still an interpolant of the native samples).
@@ -164,8 +166,10 @@ def refine_undersampled_psf(native: np.ndarray, oversample: int, *, period: int 
     p += p % 2
     ky = _dirichlet(fy[:, None] - (np.arange(n_y) - n_y // 2)[None, :], p)
     kx = _dirichlet(fx[:, None] - (np.arange(n_x) - n_x // 2)[None, :], p)
+    # no renormalisation: the native samples carry the stamp's flux convention (unit sum), and
+    # the fine sum differs from k^2 where the stamp truncates heavy wings (0.1 % for a Moffat
+    # beta 2 at 2.25 px in 21 px)
     fine = fine_model + ky @ resid @ kx.T
-    fine *= k * k / fine.sum()
     rms = float(np.sqrt(np.mean(resid**2)) / native.max())
     if not ok:
         log.warning("PSF profile fit did not converge (peak FWHM %.2f px, residual %.1e of the peak); "
