@@ -93,19 +93,26 @@ def test_fit_rejects_bad_position_prior(small_sim):
     assert "--position-prior must be a width in arcsec > 0, got 0.0" in res.output
 
 
+def test_fit_rejects_bad_position_mode(small_sim):
+    res = runner.invoke(app, ["fit", str(small_sim), "--position", "forced", "-q"])
+    assert res.exit_code == EXIT_BAD_INPUT
+    assert "--position must be one of auto, free, fixed, got 'forced'" in res.output
+
+
 def test_position_prior_holds_the_transient_at_the_coordinate(small_sim, fitted, tmp_path):
     """A prior of 1 mas pins the fitted position to RA/Dec; the default (0.5") lets it move."""
     out, truth, _ = fitted
     res = runner.invoke(app, [
         "fit", *[str(p) for p in sorted(small_sim.glob("epoch_*.fits"))],
         "--ra", str(truth.meta["transient_ra"] + 0.3 / 3600), "--dec", str(truth.meta["transient_dec"]),
-        "--position-prior", "0.001", "-o", str(tmp_path / "lc.ecsv"), "-q",
+        "--position-prior", "0.001", "--position", "free", "-o", str(tmp_path / "lc.ecsv"), "-q",
     ])
     assert res.exit_code == 0, res.output
     pinned = Table.read(tmp_path / "lc.ecsv").meta["transient_offset_arcsec"]
     assert max(abs(v) for v in pinned) < 0.002, pinned
-    free = Table.read(out / "lc.ecsv").meta["transient_offset_arcsec"]
-    assert max(abs(v) for v in free) > 0.002, free  # the default fit moved off its coordinate
+    free = Table.read(out / "lc.ecsv").meta
+    assert free["position"] == "fitted"  # detected: the default fit located it, off its coordinate
+    assert max(abs(v) for v in free["transient_offset_arcsec"]) > 0.002, free["transient_offset_arcsec"]
 
 
 def test_fit_rejects_unknown_method(small_sim):

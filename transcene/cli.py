@@ -78,7 +78,7 @@ def _run_fit(paths, target, zero_before, host, output, scene_out, plot, fit_radi
 
 
 def _check_fit_options(host: str, method: str, student_t: float | None, shift_prior: float | None,
-                       max_iter: int, position_prior: float = 0.5) -> None:
+                       max_iter: int, position_prior: float = 0.5, position: str = "auto") -> None:
     """The fit options shared by ``fit`` and ``lightcurve``, checked before any work starts."""
     from .fit import METHODS
 
@@ -90,6 +90,10 @@ def _check_fit_options(host: str, method: str, student_t: float | None, shift_pr
         raise ValueError(f"--student-t must be a positive number of degrees of freedom, got {student_t}")
     if (shift_prior is not None and shift_prior < 0) or max_iter < 1:
         raise ValueError(f"need --shift-prior >= 0 (got {shift_prior}) and --max-iter >= 1 (got {max_iter})")
+    from .fit import POSITION_MODES
+
+    if position not in POSITION_MODES:
+        raise ValueError(f"--position must be one of {', '.join(POSITION_MODES)}, got {position!r}")
     if not (math.isfinite(position_prior) and position_prior > 0):
         raise ValueError(f"--position-prior must be a width in arcsec > 0, got {position_prior}")
 
@@ -110,6 +114,9 @@ _POSITION_PRIOR = typer.Option(0.5, help="Prior width of the transient's positio
                                 "coordinate's precision. For a faint transient (summed S/N below ~10) whose "
                                 "position is known, give it (e.g. 0.05): a free position then wanders to the "
                                 "noise and the errors come out ~5-15 % small (docs/validation.md).")
+_POSITION = typer.Option("auto", help="Transient position: auto (fitted if the transient's summed S/N is at least "
+                         "10, else held at RA/Dec: forced photometry), free (always fitted) or fixed (always "
+                         "held). The light curve's metadata 'position' says which.")
 _NUTS_SAMPLES = typer.Option(1000, help="--method nuts: draws per chain after warm-up.")
 _NUTS_WARMUP = typer.Option(500, help="--method nuts: warm-up (adaptation) draws per chain.")
 _NUTS_CHAINS = typer.Option(2, help="--method nuts: chains (R-hat needs at least 2).")
@@ -179,6 +186,7 @@ def fit_cmd(
                                "linear (geometry fixed at the MAP), nuts (posterior draws; slow: minutes for "
                                "a few epochs) or map (conditional, quick look)."),
     shift_prior: float = typer.Option(0.1, help="Prior width of each epoch's astrometric shift, arcsec (0: no shifts)."),
+    position: str = _POSITION,
     position_prior: float = _POSITION_PRIOR,
     zp_jitter: float = _ZP_JITTER,
     psf_width_jitter: float = _PSF_WIDTH_JITTER,
@@ -202,7 +210,7 @@ def fit_cmd(
     """
     _setup(verbose, quiet)
     try:
-        _check_fit_options(host, method, student_t, shift_prior, max_iter, position_prior)
+        _check_fit_options(host, method, student_t, shift_prior, max_iter, position_prior, position)
         target = None
         if (ra is None) != (dec is None):
             raise ValueError("give both --ra and --dec, or neither")
@@ -212,7 +220,7 @@ def fit_cmd(
             target = parse_coord(ra, dec)
         code = _run_fit(epoch_files, target, zero_before, host, output, scene_out, plot, fit_radius, verbose, quiet,
                         method=method, shift_prior=shift_prior, zp_jitter=zp_jitter, psf_width_jitter=psf_width_jitter, max_iter=max_iter, null_test=null_test, student_t=student_t,
-                        **_priors(position_prior), **_nuts_options(method, nuts_samples, nuts_warmup, nuts_chains, seed, force))
+                        position=position, **_priors(position_prior), **_nuts_options(method, nuts_samples, nuts_warmup, nuts_chains, seed, force))
     except typer.Exit:
         raise
     except Exception as exc:  # noqa: BLE001 - mapped to an exit code with a clear message
@@ -433,6 +441,7 @@ def lightcurve_cmd(
     fit_radius: Optional[float] = typer.Option(None, help="Half-side of the fitted region, arcsec."),
     shift_prior: Optional[float] = typer.Option(None, help="Prior width of each epoch's astrometric shift, arcsec "
                                                 "(default: the surveys' astrometric precision)."),
+    position: str = _POSITION,
     position_prior: float = _POSITION_PRIOR,
     zp_jitter: float = _ZP_JITTER,
     psf_width_jitter: float = _PSF_WIDTH_JITTER,
@@ -456,7 +465,7 @@ def lightcurve_cmd(
         from .api import lightcurve, write_outputs
         from .geometry import parse_coord
 
-        _check_fit_options(host, method, student_t, shift_prior, max_iter, position_prior)
+        _check_fit_options(host, method, student_t, shift_prior, max_iter, position_prior, position)
         surveys, band_list = _survey_options(survey, bands, start, end, size, directory)
         coord = parse_coord(ra, dec)
         with _FetchDisplay(quiet) as display:
@@ -465,7 +474,7 @@ def lightcurve_cmd(
                              fit_radius=fit_radius, shift_prior=shift_prior, zp_jitter=zp_jitter,
                              psf_width_jitter=psf_width_jitter, fetch_progress=display,
                              progress=_progress(quiet), method=method, max_iter=max_iter, student_t=student_t,
-                             **_priors(position_prior), **_nuts_options(method, nuts_samples, nuts_warmup, nuts_chains, seed, force))
+                             position=position, **_priors(position_prior), **_nuts_options(method, nuts_samples, nuts_warmup, nuts_chains, seed, force))
         result, report = run.result, run.report
         if not quiet:
             err.print(f"fetch: {report.summary()}")

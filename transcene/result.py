@@ -78,6 +78,8 @@ class FitResult:
     likelihood: str = "gaussian"
     #: the NUTS draws and diagnostics (``method="nuts"``), else None
     posterior: "PosteriorSamples | None" = None
+    #: "fitted", or why the transient's position was held at the target (``fit(position=...)``)
+    position_mode: str = "fitted"
     # the light curve is built once (plots and writers ask for it repeatedly); callers get copies
     _cache: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
 
@@ -288,6 +290,7 @@ class FitResult:
             "dec": float(ds.target.dec.deg),
             "transient_ra": float(coord.ra.deg),
             "transient_dec": float(coord.dec.deg),
+            "position": self.position_mode,
             "transient_offset_arcsec": [float(v) for v in self.transient_offset],
             "transient_offset_err_arcsec": [float(v) for v in pos_err],
             "transient_offset_cov_arcsec2": [[float(v) for v in row] for row in np.asarray(self.position_cov)],

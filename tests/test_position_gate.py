@@ -1,0 +1,91 @@
+"""The transient position's detection gate (``fit(position="auto" | "free" | "fixed")``).
+
+A transient too faint to locate (summed S/N below ``POSITION_MIN_SNR``) is measured at the
+target, as forced photometry does; a detected one has its position fitted. Flat sky, a point
+source at a known offset from the target, 2 references + 6 science epochs.
+"""
+
+from __future__ import annotations
+
+import transcene  # noqa: F401  (first: enables float64)
+
+import math
+
+import numpy as np
+import pytest
+from astropy.table import Table
+
+from test_geometry_render import FWHM_TO_SIGMA, TARGET, astropy_tangent_offsets_to_sky, gaussian_image, make_wcs, \
+    std_cd, world_to_pixel
+from transcene.dataset import make_dataset
+from transcene.epoch import Epoch
+from transcene.fit import POSITION_MIN_SNR, fit
+from transcene.psf import gaussian_psf
+
+FWHM_PX = 3.0
+NOISE = 10.0
+N_SCI = 6
+# flux giving a per-epoch S/N of 1 for a Gaussian PSF on flat sky: sigma * sqrt(4 pi s^2)
+UNIT = NOISE * math.sqrt(4.0 * math.pi) * FWHM_PX * FWHM_TO_SIGMA
+
+
+def _epochs(flux: float, offset=(0.0, 0.0), seed: int = 0) -> list[Epoch]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for k in range(2 + N_SCI):
+        wcs = make_wcs(TARGET, std_cd(1.0), (8.0 + 0.137 * k, 8.0 - 0.113 * k))
+        pos = world_to_pixel(wcs, astropy_tangent_offsets_to_sky(TARGET, np.asarray(offset)))[0]
+        f = 0.0 if k < 2 else flux
+        img = gaussian_image((17, 17), pos[0], pos[1], f, FWHM_PX * FWHM_TO_SIGMA) + 50.0
+        out.append(Epoch(
+            image=img + rng.normal(0.0, NOISE, img.shape), variance=np.full(img.shape, NOISE**2),
+            mask=np.zeros(img.shape, bool), psf=gaussian_psf(fwhm=FWHM_PX, size=21), wcs=wcs,
+            mjd=60100.0 + k, band="r", zeropoint=31.4, exposure_id=f"e{k}", is_reference=(k < 2),
+        ))
+    return out
+
+
+def _summed_snr(res) -> float:
+    det = res.detection()["all"]
+    return math.sqrt(max(det["chi2"] - det["dof"], 0.0))
+
+
+@pytest.fixture(scope="module")
+def faint():
+    # nominal per-epoch S/N 1.5 (the host and sky marginalised: less); summed S/N measured below 10
+    ds = make_dataset(_epochs(1.5 * UNIT, seed=3), TARGET, fit_radius=6.0, pad_epochs=False, shift_prior=0.0)
+    return {mode: fit(ds, position=mode) for mode in ("auto", "free", "fixed")}
+
+
+def test_a_faint_transient_is_measured_at_the_target(faint):
+    auto, free, fixed = faint["auto"], faint["free"], faint["fixed"]
+    assert _summed_snr(free) < POSITION_MIN_SNR
+    assert auto.position_mode.startswith("held at the target (summed S/N")
+    np.testing.assert_allclose(auto.transient_offset, 0.0, atol=1e-6)
+    # the held fit is the fixed one (same optimum; the auto one started from the free MAP)
+    lc_auto, lc_fixed = auto.lightcurve(), fixed.lightcurve()
+    np.testing.assert_allclose(lc_auto["flux"], lc_fixed["flux"], atol=1e-3 * np.max(lc_fixed["flux_err"]))
+    np.testing.assert_allclose(lc_auto["flux_err"], lc_fixed["flux_err"], rtol=1e-3)
+    assert lc_auto.meta["position"] == auto.position_mode and fixed.position_mode.endswith("(position='fixed')")
+    # free, the position follows the noise: it moves off the target, by more than the held fit's
+    assert free.position_mode == "fitted" and np.max(np.abs(free.transient_offset)) > 0.05
+    assert auto.elapsed > free.elapsed  # the free fit came first and is counted
+
+
+def test_a_detected_transient_has_its_position_fitted():
+    offset = (0.4, -0.3)  # arcsec: a target 0.5" off the transient
+    ds = make_dataset(_epochs(20 * UNIT, offset=offset, seed=4), TARGET, fit_radius=6.0, pad_epochs=False,
+                      shift_prior=0.0)
+    res = fit(ds)
+    assert _summed_snr(res) > 2 * POSITION_MIN_SNR and res.position_mode == "fitted"  # measured 21
+    err = np.sqrt(np.diag(res.position_cov))
+    assert np.all(np.abs(res.transient_offset - np.asarray(offset)) < 4 * err), (res.transient_offset, err)
+    meta = res.lightcurve().meta
+    assert meta["position"] == "fitted"
+    Table(res.lightcurve())  # the metadata stays a plain table's
+
+
+def test_position_mode_is_checked():
+    ds = make_dataset(_epochs(UNIT), TARGET, fit_radius=6.0, pad_epochs=False, shift_prior=0.0)
+    with pytest.raises(ValueError, match="position must be one of auto, free, fixed; got 'forced'"):
+        fit(ds, position="forced")
