@@ -135,6 +135,25 @@ def epoch_slice(stack, k: int):
 TARGET = SkyCoord(150.1163 * u.deg, 2.2058 * u.deg, frame="icrs")
 
 
+def point_source_epochs(fluxes, *, fwhm_px: float, offset=(0.0, 0.0), seed: int = 0, n_reference: int = 2,
+                        noise: float = 10.0, sky: float = 50.0, size: int = 17) -> list[Epoch]:
+    """Epochs of a Gaussian point source (``fluxes`` per epoch, image units = nJy) at ``offset``
+    arcsec from TARGET on flat sky, 1"/px, the native PSF written exactly; the pointing, hence
+    the source's sub-pixel phase, moves from epoch to epoch. The first ``n_reference`` are references."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for k, f in enumerate(fluxes):
+        wcs = make_wcs(TARGET, std_cd(1.0), (8.0 + 0.137 * k, 8.0 - 0.113 * k))
+        pos = world_to_pixel(wcs, astropy_tangent_offsets_to_sky(TARGET, np.asarray(offset)))[0]
+        img = gaussian_image((size, size), pos[0], pos[1], f, fwhm_px * FWHM_TO_SIGMA) + sky
+        out.append(Epoch(
+            image=img + rng.normal(0.0, noise, img.shape), variance=np.full(img.shape, noise**2),
+            mask=np.zeros(img.shape, bool), psf=gaussian_psf(fwhm=fwhm_px, size=21), wcs=wcs,
+            mjd=60100.0 + k, band="r", zeropoint=31.4, exposure_id=f"e{k}", is_reference=(k < n_reference),
+        ))
+    return out
+
+
 # ------------------------------------------------------------------- 1. local_affine vs astropy
 GRID_CASES = {
     # name: (cd, crpix (FITS, 1-based), CRVAL offset from target in arcsec (dRA*cos, dDec))

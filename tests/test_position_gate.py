@@ -15,12 +15,10 @@ import numpy as np
 import pytest
 from astropy.table import Table
 
-from test_geometry_render import FWHM_TO_SIGMA, TARGET, astropy_tangent_offsets_to_sky, gaussian_image, make_wcs, \
-    std_cd, world_to_pixel
+from test_geometry_render import FWHM_TO_SIGMA, TARGET, point_source_epochs
 from transcene.dataset import make_dataset
 from transcene.epoch import Epoch
 from transcene.fit import POSITION_MIN_SNR, fit
-from transcene.psf import gaussian_psf
 
 FWHM_PX = 3.0
 NOISE = 10.0
@@ -30,19 +28,7 @@ UNIT = NOISE * math.sqrt(4.0 * math.pi) * FWHM_PX * FWHM_TO_SIGMA
 
 
 def _epochs(flux: float, offset=(0.0, 0.0), seed: int = 0) -> list[Epoch]:
-    rng = np.random.default_rng(seed)
-    out = []
-    for k in range(2 + N_SCI):
-        wcs = make_wcs(TARGET, std_cd(1.0), (8.0 + 0.137 * k, 8.0 - 0.113 * k))
-        pos = world_to_pixel(wcs, astropy_tangent_offsets_to_sky(TARGET, np.asarray(offset)))[0]
-        f = 0.0 if k < 2 else flux
-        img = gaussian_image((17, 17), pos[0], pos[1], f, FWHM_PX * FWHM_TO_SIGMA) + 50.0
-        out.append(Epoch(
-            image=img + rng.normal(0.0, NOISE, img.shape), variance=np.full(img.shape, NOISE**2),
-            mask=np.zeros(img.shape, bool), psf=gaussian_psf(fwhm=FWHM_PX, size=21), wcs=wcs,
-            mjd=60100.0 + k, band="r", zeropoint=31.4, exposure_id=f"e{k}", is_reference=(k < 2),
-        ))
-    return out
+    return point_source_epochs([0.0, 0.0] + [flux] * N_SCI, fwhm_px=FWHM_PX, offset=offset, seed=seed, noise=NOISE)
 
 
 def _summed_snr(res) -> float:

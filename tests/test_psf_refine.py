@@ -21,12 +21,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.special import j0
 
-from test_geometry_render import FWHM_TO_SIGMA, TARGET, astropy_tangent_offsets_to_sky, gaussian_image, make_wcs, \
-    std_cd, world_to_pixel
+from test_geometry_render import FWHM_TO_SIGMA, TARGET, point_source_epochs
 from transcene.dataset import make_dataset
 from transcene.epoch import Epoch
 from transcene.fit import fit
-from transcene.psf import _dirichlet, gaussian_psf
+from transcene.psf import _dirichlet
 from transcene.psf_refine import REFINE_BELOW_FWHM, peak_fwhm, refine_factor, refine_undersampled_psf
 
 N = 21
@@ -164,23 +163,11 @@ NOISE = 10.0
 FLUXES = [0.0, 0.0] + [60000.0] * 6
 
 
-OFFSET = np.array([0.3, -0.2])  # arcsec: the transient's fixed sky position relative to TARGET
+OFFSET = (0.3, -0.2)  # arcsec: the transient's fixed sky position relative to TARGET
 
 
 def _epochs(seed: int) -> list[Epoch]:
-    rng = np.random.default_rng(seed)
-    out = []
-    for k, f in enumerate(FLUXES):
-        # the pointing, hence the source's sub-pixel phase, differs from epoch to epoch
-        wcs = make_wcs(TARGET, std_cd(1.0), (8.0 + 0.137 * k, 8.0 - 0.113 * k))
-        pos = world_to_pixel(wcs, astropy_tangent_offsets_to_sky(TARGET, OFFSET))[0]
-        img = gaussian_image((17, 17), pos[0], pos[1], f, FWHM_PX * FWHM_TO_SIGMA) + 50.0
-        out.append(Epoch(
-            image=img + rng.normal(0.0, NOISE, img.shape), variance=np.full(img.shape, NOISE**2),
-            mask=np.zeros(img.shape, bool), psf=gaussian_psf(fwhm=FWHM_PX, size=21), wcs=wcs,
-            mjd=60100.0 + k, band="r", zeropoint=31.4, exposure_id=f"e{k}", is_reference=(k < 2),
-        ))
-    return out
+    return point_source_epochs(FLUXES, fwhm_px=FWHM_PX, offset=OFFSET, seed=seed)
 
 
 @pytest.mark.parametrize("refine", [True, False])

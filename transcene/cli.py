@@ -80,7 +80,7 @@ def _run_fit(paths, target, zero_before, host, output, scene_out, plot, fit_radi
 def _check_fit_options(host: str, method: str, student_t: float | None, shift_prior: float | None,
                        max_iter: int, position_prior: float = 0.5, position: str = "auto") -> None:
     """The fit options shared by ``fit`` and ``lightcurve``, checked before any work starts."""
-    from .fit import METHODS
+    from .fit import METHODS, POSITION_MODES
 
     if host not in ("pixel", "sersic"):
         raise ValueError(f"--host must be 'pixel' or 'sersic', got {host!r}")
@@ -90,8 +90,6 @@ def _check_fit_options(host: str, method: str, student_t: float | None, shift_pr
         raise ValueError(f"--student-t must be a positive number of degrees of freedom, got {student_t}")
     if (shift_prior is not None and shift_prior < 0) or max_iter < 1:
         raise ValueError(f"need --shift-prior >= 0 (got {shift_prior}) and --max-iter >= 1 (got {max_iter})")
-    from .fit import POSITION_MODES
-
     if position not in POSITION_MODES:
         raise ValueError(f"--position must be one of {', '.join(POSITION_MODES)}, got {position!r}")
     if not (math.isfinite(position_prior) and position_prior > 0):

@@ -18,7 +18,7 @@ from astropy.coordinates import SkyCoord
 
 from .dataset import PINNED, Dataset
 from .errors import ConvergenceWarning, FitError
-from .nuts import NutsOptions, PosteriorSamples, sample_posterior
+from .nuts import NutsOptions, sample_posterior
 from .geometry import sky_to_offsets
 from .host import PixelHost, SersicHost
 from .result import FitResult
@@ -252,7 +252,17 @@ def _uncertainties(method: str, scene: Scene, stacks, grid, pa):
     return np.asarray(cov), np.asarray(local_var), np.asarray(pos_cov)
 
 
-def _fit_scene(
+#: summed S/N of the transient (``sqrt(chi2 - dof)`` of the joint detection test) below which
+#: ``position="auto"`` holds its position at the target; from the campaign's faint cells
+#: (docs/validation.md): at summed S/N 2-8 a free position wanders to the noise and the
+#: errors come out 5-15 % small, at the baseline's ~30 it is harmless
+POSITION_MIN_SNR = 10.0
+#: prior width (arcsec) that holds the position: 0.1 mas, far below any measurable offset
+_HELD_POSITION_SD = 1e-4
+POSITION_MODES = ("auto", "free", "fixed")
+
+
+def fit(
     ds: Dataset,
     *,
     host: Literal["pixel", "sersic"] = "pixel",
@@ -268,8 +278,64 @@ def _fit_scene(
     student_t: float | None = None,
     nuts: NutsOptions = NutsOptions(),
     key: jax.Array | None = None,
+    position: Literal["auto", "free", "fixed"] = "auto",
 ) -> FitResult:
-    """:func:`fit` for one setting of the position prior (no detection gate)."""
+    """Fit the scene to ``ds`` and return the light curve with Gaussian flux errors.
+
+    The MAP is found by Gauss-Newton over all parameters (exact in the linear ones). The flux
+    errors depend on ``method`` (all three cost about the same, one CG solve per probe of the
+    covariance, except ``map``):
+
+    * ``"laplace"`` (default): Gaussian over all free parameters at the MAP (Gauss-Newton
+      Hessian): the fluxes marginalised over the host, the transient position, the static
+      sources, and each epoch's sky and shift. This is what the validation campaign calibrates.
+    * ``"linear"``: the geometry (transient and star positions, shifts; for a Sersic host its
+      shape stays free) fixed at the MAP; the fluxes marginalised over the host and the skies
+      only. Exact for the linear model, smaller than ``laplace`` by the position and
+      registration uncertainty; the transient position gets no error.
+    * ``"nuts"``: the full posterior sampled by NUTS (numpyro) from the MAP, every parameter
+      free (:mod:`transcene.nuts`); fluxes are posterior means, errors posterior standard
+      deviations, ``flux_lo``/``flux_hi`` the 16th/84th percentiles, the covariance the draws'
+      one, with split R-hat and effective sample sizes per epoch. Chains that miss
+      ``nuts``'s convergence criteria raise :class:`~transcene.errors.FitError` unless
+      ``nuts.force``. Far slower than the others (thousands of renderings); needs ``key``.
+    * ``"map"``: no covariance solve; each epoch's error is conditional on the host and the
+      geometry (a lower bound, far too small wherever the host under the transient is
+      uncertain), and epochs are uncorrelated. For quick looks only.
+
+    Args:
+        host: ``"pixel"`` (non-parametric, default) or ``"sersic"``.
+        priors: prior widths; see :class:`~transcene.solve.Priors`.
+        stars: static point sources (stars, a constant nucleus) to model, as sky coordinates.
+        fit_shifts: fit a per-epoch astrometric shift (prior width set in the dataset).
+        max_iter: Gauss-Newton iterations before giving up (simulations converge in 10-15; the
+            real SN 2021rhu data, whose bright epochs the PSF models only approximately, in 24).
+        progress: called as ``progress(step, total, message)``.
+        phase1_tol: CG tolerance of the Gauss-Newton steps before the geometry is frozen.
+        method: ``"laplace"``, ``"linear"`` or ``"map"`` (above).
+        null_test: also refit the transient-free epochs' fluxes and test them against zero
+            (:func:`transcene.significance.reference_null_test`; about the cost of the
+            covariance again). The result goes into ``FitResult.reference_null`` and the table's
+            metadata, and a failure is logged as a warning.
+        student_t: degrees of freedom ``nu`` of a Student-t pixel likelihood (scale: each
+            pixel's sigma) for cosmic rays, bad columns and other outliers the masks missed;
+            ``None`` (default): Gaussian. The Gaussian fit is converged first and then
+            iteratively reweighted; the errors are the sandwich (M-estimator) ones. The
+            reported chi2 caps each pixel at 5 sigma.
+        position: the transient's position. ``"auto"`` (default): fitted (prior ``priors.position``
+            about the target), unless the transient's summed S/N (``sqrt(chi2 - dof)`` of the
+            joint detection test over the measured epochs) is below ``POSITION_MIN_SNR`` (10):
+            then it is refitted held at the target (forced photometry), because a free position
+            that the data barely constrain wanders to the noise and the errors come out 5-15 %
+            small (docs/validation.md). ``"free"``: always fitted. ``"fixed"``: always held at the
+            target. A held position's uncertainty is not propagated into the flux errors; the
+            light curve's metadata ``position`` says which happened. ``method="nuts"`` samples
+            the position and is never held under ``"auto"``.
+    """
+    if position not in POSITION_MODES:
+        raise ValueError(f"position must be one of {', '.join(POSITION_MODES)}; got {position!r}")
+    if position == "fixed":
+        priors = dataclasses.replace(priors, position=_HELD_POSITION_SD)
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
     if student_t is not None and not (np.isfinite(student_t) and student_t > 0):
@@ -411,7 +477,7 @@ def _fit_scene(
     elapsed = time.perf_counter() - t0
     log.info("fit %s in %d iterations (%d Anderson-accelerated; %.1f s, %d CG iterations)", status, n_iter,
              n_anderson, elapsed, cg_total)
-    return FitResult(
+    result = FitResult(
         dataset=ds,
         scene=scene,
         status=status,
@@ -427,109 +493,19 @@ def _fit_scene(
         reference_null=null,
         posterior=posterior,
         likelihood="gaussian" if student_t is None else f"student-t (nu={student_t:g}); chi2 capped at 5 sigma per pixel",
+        position_mode="held at the target (position='fixed')" if position == "fixed" else "fitted",
     )
-
-
-#: summed S/N of the transient (``sqrt(chi2 - dof)`` of the joint detection test) below which
-#: ``position="auto"`` holds its position at the target; from the campaign's faint cells
-#: (docs/validation.md): at summed S/N 2-8 a free position wanders to the noise and the
-#: errors come out 5-15 % small, at the baseline's ~30 it is harmless
-POSITION_MIN_SNR = 10.0
-#: prior width (arcsec) that holds the position: 0.1 mas, far below any measurable offset
-_HELD_POSITION_SD = 1e-4
-POSITION_MODES = ("auto", "free", "fixed")
-
-
-def fit(
-    ds: Dataset,
-    *,
-    host: Literal["pixel", "sersic"] = "pixel",
-    priors: Priors = Priors(),
-    stars: SkyCoord | None = None,
-    fit_shifts: bool = True,
-    max_iter: int = 50,
-    init: Scene | None = None,
-    progress: ProgressCallback | None = None,
-    phase1_tol: float = PHASE1_TOL,
-    method: Method = "laplace",
-    null_test: bool = False,
-    student_t: float | None = None,
-    nuts: NutsOptions = NutsOptions(),
-    key: jax.Array | None = None,
-    position: Literal["auto", "free", "fixed"] = "auto",
-) -> FitResult:
-    """Fit the scene to ``ds`` and return the light curve with Gaussian flux errors.
-
-    The MAP is found by Gauss-Newton over all parameters (exact in the linear ones). The flux
-    errors depend on ``method`` (all three cost about the same, one CG solve per probe of the
-    covariance, except ``map``):
-
-    * ``"laplace"`` (default): Gaussian over all free parameters at the MAP (Gauss-Newton
-      Hessian): the fluxes marginalised over the host, the transient position, the static
-      sources, and each epoch's sky and shift. This is what the validation campaign calibrates.
-    * ``"linear"``: the geometry (transient and star positions, shifts; for a Sersic host its
-      shape stays free) fixed at the MAP; the fluxes marginalised over the host and the skies
-      only. Exact for the linear model, smaller than ``laplace`` by the position and
-      registration uncertainty; the transient position gets no error.
-    * ``"nuts"``: the full posterior sampled by NUTS (numpyro) from the MAP, every parameter
-      free (:mod:`transcene.nuts`); fluxes are posterior means, errors posterior standard
-      deviations, ``flux_lo``/``flux_hi`` the 16th/84th percentiles, the covariance the draws'
-      one, with split R-hat and effective sample sizes per epoch. Chains that miss
-      ``nuts``'s convergence criteria raise :class:`~transcene.errors.FitError` unless
-      ``nuts.force``. Far slower than the others (thousands of renderings); needs ``key``.
-    * ``"map"``: no covariance solve; each epoch's error is conditional on the host and the
-      geometry (a lower bound, far too small wherever the host under the transient is
-      uncertain), and epochs are uncorrelated. For quick looks only.
-
-    Args:
-        host: ``"pixel"`` (non-parametric, default) or ``"sersic"``.
-        priors: prior widths; see :class:`~transcene.solve.Priors`.
-        stars: static point sources (stars, a constant nucleus) to model, as sky coordinates.
-        fit_shifts: fit a per-epoch astrometric shift (prior width set in the dataset).
-        max_iter: Gauss-Newton iterations before giving up (simulations converge in 10-15; the
-            real SN 2021rhu data, whose bright epochs the PSF models only approximately, in 24).
-        progress: called as ``progress(step, total, message)``.
-        phase1_tol: CG tolerance of the Gauss-Newton steps before the geometry is frozen.
-        method: ``"laplace"``, ``"linear"`` or ``"map"`` (above).
-        null_test: also refit the transient-free epochs' fluxes and test them against zero
-            (:func:`transcene.significance.reference_null_test`; about the cost of the
-            covariance again). The result goes into ``FitResult.reference_null`` and the table's
-            metadata, and a failure is logged as a warning.
-        student_t: degrees of freedom ``nu`` of a Student-t pixel likelihood (scale: each
-            pixel's sigma) for cosmic rays, bad columns and other outliers the masks missed;
-            ``None`` (default): Gaussian. The Gaussian fit is converged first and then
-            iteratively reweighted; the errors are the sandwich (M-estimator) ones. The
-            reported chi2 caps each pixel at 5 sigma.
-        position: the transient's position. ``"auto"`` (default): fitted (prior ``priors.position``
-            about the target), unless the transient's summed S/N (``sqrt(chi2 - dof)`` of the
-            joint detection test over the measured epochs) is below ``POSITION_MIN_SNR`` (10):
-            then it is refitted held at the target (forced photometry), because a free position
-            that the data barely constrain wanders to the noise and the errors come out 5-15 %
-            small (docs/validation.md). ``"free"``: always fitted. ``"fixed"``: always held at the
-            target. A held position's uncertainty is not propagated into the flux errors; the
-            light curve's metadata ``position`` says which happened. ``method="nuts"`` samples
-            the position and is never held under ``"auto"``.
-    """
-    if position not in POSITION_MODES:
-        raise ValueError(f"position must be one of {', '.join(POSITION_MODES)}; got {position!r}")
-    options = dict(host=host, stars=stars, fit_shifts=fit_shifts, max_iter=max_iter, progress=progress,
-                   phase1_tol=phase1_tol, method=method, null_test=null_test, student_t=student_t, nuts=nuts,
-                   key=key)
-    held = dataclasses.replace(priors, position=_HELD_POSITION_SD)
-    if position == "fixed":
-        res = _fit_scene(ds, priors=held, init=init, **options)
-        return dataclasses.replace(res, position_mode="held at the target (position='fixed')")
-    res = _fit_scene(ds, priors=priors, init=init, **options)
-    if position == "free" or method == "nuts":
-        return res
-    det = res.detection()["all"]
+    if position != "auto" or method == "nuts":
+        return result
+    det = result.detection()["all"]
     snr = math.sqrt(max(float(det["chi2"]) - float(det["dof"]), 0.0))
     if not snr < POSITION_MIN_SNR:
-        return res
+        return result
     log.info("transient summed S/N %.1f < %g: refitting with its position held at the target", snr, POSITION_MIN_SNR)
-    start = eqx.tree_at(lambda s: s.glob.position, res.scene, jnp.zeros_like(res.scene.glob.position))
-    held_res = _fit_scene(ds, priors=held, init=start, **options)
+    start = eqx.tree_at(lambda s: s.glob.position, scene, jnp.zeros_like(scene.glob.position))
+    held = fit(ds, host=host, priors=priors, stars=stars, fit_shifts=fit_shifts, max_iter=max_iter, init=start,
+               progress=progress, phase1_tol=phase1_tol, method=method, null_test=null_test, student_t=student_t,
+               nuts=nuts, key=key, position="fixed")
     return dataclasses.replace(
-        held_res, elapsed=res.elapsed + held_res.elapsed,
+        held, elapsed=result.elapsed + held.elapsed,
         position_mode=f"held at the target (summed S/N {snr:.1f} < {POSITION_MIN_SNR:g}; position='auto')")
-

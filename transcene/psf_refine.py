@@ -9,8 +9,8 @@ has it, so a least-squares flux comes out low (2-8 % at 1.25 pixels, ~1 % at 1.7
 
 The remedy is DAOPHOT's: a smooth analytic profile carries the core and a residual table the rest.
 Here the profile is a pixel-integrated elliptical Moffat with free index plus a concentric
-Gaussian, fitted to the native samples; the finer samples are that profile evaluated between pixel centres plus the residual
-(native samples minus profile) interpolated trigonometrically. The result passes exactly through
+Gaussian, fitted to the native samples; the finer samples are that profile evaluated between
+pixel centres plus the residual (native samples minus profile) interpolated trigonometrically. The result passes exactly through
 the native samples, so it is an interpolant of what the file says, only a better-informed one
 than sinc; the residual is small, so its own interpolation error is second order.
 """
@@ -65,8 +65,8 @@ class RefinedPsf:
 
     ``psf`` equals the unit-sum native stamp at the native sample positions (every
     ``oversample``-th sample through the centre); its sum is ``oversample**2`` up to the wings
-    the stamp truncates. ``residual_rms``: rms of
-    native samples minus profile relative to the PSF's peak (how much the table carries);
+    the stamp truncates. ``residual_rms``: rms of native samples minus profile relative to the
+    PSF's peak (how much the table carries);
     ``converged``: whether the profile fit converged (if not, the table carries more, and the
     result is still an interpolant of the native samples).
     """
@@ -113,8 +113,7 @@ def _fit_profile(native: np.ndarray) -> tuple[np.ndarray, bool]:
     fwhm0 = peak_fwhm(native)
     core = (dx * dx + dy * dy) <= max(3.0 * fwhm0, 4.0) ** 2
     dx, dy, native = dx[core], dy[core], native[core]
-    sig = fwhm0 / 2.3548
-    alpha0 = 2.3548 * sig / (2.0 * math.sqrt(2.0 ** (1.0 / 3.0) - 1.0))
+    alpha0 = fwhm0 / (2.0 * math.sqrt(2.0 ** (1.0 / 3.0) - 1.0))  # a beta-3 Moffat of that FWHM
 
     def resid(p):
         return _profile_epsf(p, dx, dy) - native
@@ -140,13 +139,13 @@ def _fit_profile(native: np.ndarray) -> tuple[np.ndarray, bool]:
     return best.x, bool(best.success)
 
 
-def refine_undersampled_psf(native: np.ndarray, oversample: int, *, period: int | None = None) -> RefinedPsf:
+def refine_undersampled_psf(native: np.ndarray, oversample: int) -> RefinedPsf:
     """The PSF ``native`` (odd square-ish stamp, native sampling) on a grid ``oversample`` times finer.
 
     Fine sample ``j`` sits at native offset ``(j - oversample * (n // 2)) / oversample`` from the
     stamp's centre pixel, so every ``oversample``-th fine sample through the centre is a native
-    one (``psf.native_psf`` recovers ``native``). ``period``: the trigonometric interpolation's
-    period for the residual, in native pixels (default: twice the stamp, so it does not wrap).
+    one (``psf.native_psf`` recovers ``native``). The residual's trigonometric interpolation has
+    a period of twice the stamp, so it does not wrap.
     """
     k = int(oversample)
     native = normalise_psf(native)
@@ -162,8 +161,7 @@ def refine_undersampled_psf(native: np.ndarray, oversample: int, *, period: int 
     fy = (np.arange(k * (n_y - 1) + 1) - k * (n_y // 2)) / k
     fx = (np.arange(k * (n_x - 1) + 1) - k * (n_x // 2)) / k
     fine_model = _profile_epsf(params, fx[None, :], fy[:, None])
-    p = int(period) if period else 2 * max(n_y, n_x)
-    p += p % 2
+    p = 2 * max(n_y, n_x)
     ky = _dirichlet(fy[:, None] - (np.arange(n_y) - n_y // 2)[None, :], p)
     kx = _dirichlet(fx[:, None] - (np.arange(n_x) - n_x // 2)[None, :], p)
     # no renormalisation: the native samples carry the stamp's flux convention (unit sum), and
