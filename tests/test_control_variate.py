@@ -20,7 +20,7 @@ from transcene.fit import initial_scene
 from transcene.scene import Scene, render_stack
 from transcene.simulate import SimulationConfig, simulate
 from transcene.solve import Priors, _local_prec, freeze_geometry, global_prior, linear_solution, prior_arrays
-from transcene.validation import control_variate_metrics, linear_oracle
+from transcene.validation import control_variate_metrics, coverage_sd_floor, linear_oracle
 
 FIT_RADIUS = 4.0  # arcsec: a small problem (~600 parameters) whose normal matrix is formed densely
 
@@ -135,3 +135,27 @@ def test_control_variate_metrics_ignore_rows_without_a_control_variate():
     assert m["bias_cv"] == pytest.approx(0.5)
     nan = control_variate_metrics([1.0], [1.0], [0.0], [1.0], [np.nan], [np.nan])
     assert all(np.isnan(v) for v in nan.values())
+
+
+def test_coverage_sd_floor_is_the_scatter_of_independent_fluxes():
+    """Independent draws: the floor matches the actual scatter of the raw and cv coverage
+    estimates over repetitions (to 15 %), and grows as the fit departs from the control variate."""
+    rng = np.random.default_rng(5)
+    n, reps = 150, 600
+    for extra in (0.15, 0.5):
+        est, floors = [], []
+        for _ in range(reps):
+            z = rng.normal(size=n)
+            flux = 100.0 + z + extra * rng.normal(size=n)
+            err = np.full(n, math.sqrt(1.0 + extra**2))
+            m = control_variate_metrics(flux, err, np.full(n, 100.0), np.ones(n), z, np.ones(n))
+            raw = np.mean(np.abs(flux - 100.0) < err)
+            est.append([raw, m["coverage68_cv"], m["coverage95_cv"]])
+            f = coverage_sd_floor(flux, err, np.full(n, 100.0), z, np.ones(n))
+            floors.append([f["coverage68"], f["coverage68_cv"], f["coverage95_cv"]])
+        actual, floor = np.std(est, axis=0, ddof=1), np.mean(floors, axis=0)
+        assert np.all(np.abs(floor / actual - 1) < 0.15), (extra, floor, actual)
+        if extra == 0.15:
+            small = floor[1]
+    assert floor[1] > 1.5 * small  # a looser control variate: more indicator flips
+    assert set(coverage_sd_floor([1.0, 2.0], [1.0, 1.0], [0.0, 0.0])) == {"coverage68", "coverage95"}
