@@ -463,6 +463,12 @@ def _make_solver(sysd, glob: SceneGlobal, grid: ModelGrid, pa: PriorArrays, defl
     return solve, None, block
 
 
+def _flux_cotangent(p) -> jax.Array:
+    """Per epoch, the pixel cotangent whose transpose through the model gives ``z_e``, the coupling
+    of that epoch's (eliminated) flux to the global parameters; ``p``: a stack's ``_local_blocks``."""
+    return p["w"] * jnp.einsum("eyxa,ea->eyx", p["jl"], p["ninv"][:, :, 0])
+
+
 def _transient_rows(sysd, stacks, glob: SceneGlobal) -> jax.Array | None:
     """Deflation rows for a Gauss-Newton step: per band, the host pattern that the band's free
     epoch fluxes are coupled to (the sum of their ``z_e``: the host light under the transient).
@@ -482,7 +488,7 @@ def _transient_rows(sysd, stacks, glob: SceneGlobal) -> jax.Array | None:
         cots = []
         for st, p in zip(stacks, sysd["parts"]):
             sel = st.free_flux * st.valid * (st.band == b)
-            cots.append(sel[:, None, None] * p["w"] * jnp.einsum("eyxa,ea->eyx", p["jl"], p["ninv"][:, :, 0]))
+            cots.append(sel[:, None, None] * _flux_cotangent(p))
         rows.append(ravel_pytree(sysd["vjp_fn"](tuple(cots))[0])[0])
     return jnp.stack(rows)
 
@@ -521,7 +527,7 @@ def _covariance_solves(scene: Scene, stacks, grid: ModelGrid, pa: PriorArrays, p
     zs = []
     local_var = []
     for loc, st, p in zip(scene.local, stacks, sysd["parts"]):
-        cot0 = p["w"] * jnp.einsum("eyxa,ea->eyx", p["jl"], p["ninv"][:, :, 0])
+        cot0 = _flux_cotangent(p)
 
         def one(args):
             l, ep, c = args
