@@ -177,7 +177,7 @@ def freeze_geometry(scene: Scene, stacks, pa: PriorArrays, grid: ModelGrid):
     position priors centred on the current positions and made rigid. Returns ``(scene with zero
     shifts and zero points, stacks, prior arrays)``."""
     frozen = tuple(
-        eqx.tree_at(lambda s: (s.p0, s.shift_prec, s.scale, s.zp_prec, s.psf_prec), with_psf_width(st, loc[:, LOCAL_PSF], grid),
+        eqx.tree_at(lambda s: (s.p0, s.shift_prec, s.scale, s.zp_prec, s.psf_prec), with_psf_width(st, loc[:, LOCAL_PSF]),
                     (st.p0 + jnp.einsum("eij,ej->ei", st.amat, loc[:, LOCAL_SHIFT]), jnp.full_like(st.shift_prec, PINNED),
                      st.scale * (1.0 + loc[:, LOCAL_ZP]), jnp.full_like(st.zp_prec, PINNED),
                      jnp.full_like(st.psf_prec, PINNED)))
