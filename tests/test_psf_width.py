@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import transcene  # noqa: F401  (first: enables float64)
 
+import astropy.units as u
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from astropy.coordinates import SkyCoord
 
 from test_geometry_render import FWHM_TO_SIGMA, TARGET, astropy_tangent_offsets_to_sky, epoch_slice, gaussian_image, \
     make_wcs, std_cd, world_to_pixel
@@ -22,6 +24,7 @@ from transcene.fit import fit
 from transcene.psf import gaussian_psf
 from transcene.render import point_sources
 from transcene.scene import with_psf_width
+from transcene.simulate import SimulationConfig, simulate
 
 OFFSET = np.array([0.3, -0.2])  # arcsec
 NOISE = 20.0
@@ -91,3 +94,24 @@ def test_psf_width_nuisance_restores_the_fluxes(fits):
 def test_psf_width_jitter_is_checked():
     with pytest.raises(ValueError, match=r"psf_width_jitter must be a fractional FWHM rms in \[0, 0.25\); got 0.5"):
         make_dataset(_epochs(1), TARGET, fit_radius=3.5, psf_width_jitter=0.5)
+
+
+def test_pixel_host_fit_with_the_nuisance_converges_and_keeps_the_widths_small():
+    """A pixel host under the nuisance: 8 rotated g+r epochs of 20x20 whose written PSFs are 1.5 %
+    off in FWHM. When the width also acted on the host's rendering, sharpening an epoch let the
+    host's weakly constrained high frequencies fit its noise: this fit went to widths of -0.18
+    against a prior of 0.015 and had not converged after 30 iterations (CG at its cap). With the
+    width on the point sources only: 9 iterations, |width| <= 0.003."""
+    cfg = SimulationConfig(n_epochs=8, n_reference=2, size=20, psf_size=21, bands=("g", "r"), seeing_fwhm=(1.5, 3.0),
+                           pixel_scale_jitter=0.05, rotate=True, host_mag=18.0, transient_peak_mag=19.0,
+                           psf_fwhm_error=0.015, seed=0)
+    eps, truth = simulate(cfg)
+    target = SkyCoord(truth.meta["transient_ra"] * u.deg, truth.meta["transient_dec"] * u.deg)
+    res = fit(make_dataset(eps, target, psf_width_jitter=0.015))
+    assert res.status == "converged"
+    lc = res.lightcurve()
+    sci = ~np.asarray(lc["is_reference"])
+    assert np.all(np.abs(np.asarray(lc["psf_width_offset"])) < 3 * 0.015), lc["psf_width_offset"]
+    idx = np.asarray(res.dataset.epochs["index"])
+    pull = (np.asarray(lc["flux"]) - np.asarray(truth["flux_true"])[idx])[sci] / np.asarray(lc["flux_err"])[sci]
+    assert np.all(np.abs(pull) < 4.0), pull

@@ -106,8 +106,8 @@ def _priors(position_prior: float) -> dict:
 # options shared by ``fit`` and ``lightcurve`` (one definition each)
 _ZP_JITTER = typer.Option(0.0, help="Prior rms of each epoch's zero-point error, mag (e.g. 0.01); 0: zero points "
                           "taken as exact. Fits a calibration factor per epoch against the host.")
-_PSF_WIDTH_JITTER = typer.Option(0.0, help="Experimental. Prior rms of each epoch's fractional PSF FWHM error "
-                                 "(e.g. 0.02); 0: PSFs taken as exact. Fits a PSF-width change per epoch.")
+_PSF_WIDTH_JITTER = typer.Option(0.0, help="Prior rms of each epoch's fractional PSF FWHM error (e.g. 0.02); "
+                                 "0: PSFs taken as exact. Fits a PSF-width change per epoch for the point sources.")
 _POSITION_PRIOR = typer.Option(0.5, help="Prior width of the transient's position about RA/Dec, arcsec: the "
                                 "coordinate's precision. For a faint transient (summed S/N below ~10) whose "
                                 "position is known, give it (e.g. 0.05): a free position then wanders to the "

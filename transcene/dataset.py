@@ -206,7 +206,8 @@ def make_dataset(
             (e.g. 0.02 for 2 % in FWHM); 0 (default) takes the PSFs as exact. When > 0 every epoch's
             PSF is convolved with (or, for a negative value, deconvolved by) a Gaussian that
             changes its FWHM by a free fraction ``w``: ``sigma^2 -> sigma^2 (1 + 2 w)``, exact for
-            Gaussian PSFs, a core-width change for others.
+            Gaussian PSFs, a core-width change for others. It applies to the point sources (the
+            transient, static stars); the host keeps the written PSF (``scene.with_psf_width``).
         refine_psf: give native-sampled PSFs sharper than ~2.5 pixels FWHM finer samples from a
             fitted Moffat + Gaussian profile plus a residual table (``psf_refine``), so that point
             sources between pixel centres are rendered with the right profile. Off, such PSFs are
@@ -220,9 +221,6 @@ def make_dataset(
         raise ValueError(f"zp_jitter must be a zero-point rms in mag >= 0; got {zp_jitter!r}")
     if not (np.isfinite(psf_width_jitter) and 0 <= psf_width_jitter < 0.25):
         raise ValueError(f"psf_width_jitter must be a fractional FWHM rms in [0, 0.25); got {psf_width_jitter!r}")
-    if psf_width_jitter > 0:
-        log.warning("psf_width_jitter is experimental: with a pixel host the fit may not converge "
-                    "(docs/model.md, robustness options)")
     if not (np.isfinite(shift_prior) and shift_prior >= 0):
         raise ValueError(f"shift_prior must be an rms in arcsec >= 0; got {shift_prior!r}")
     geo = []
