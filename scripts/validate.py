@@ -128,6 +128,8 @@ CELLS = [
          systematic="zero point, bright host (nuisance on)", dataset_options={"zp_jitter": 0.02}),
     # the zero-point nuisance on clean data: what it costs when it is not needed
     Cell("likelihood", "zp-nuis", {}, dataset_options={"zp_jitter": 0.005}),
+    # ...and the PSF-width nuisance's (its default, off, rests on this and the PSF cells)
+    Cell("likelihood", "psf-nuis", {}, dataset_options={"psf_width_jitter": 0.015}),
     # cosmic rays (one within 3 px of the transient per epoch, ~2 elsewhere) and bad columns in
     # 20 % of the epochs, fitted with the Student-t likelihood; the same data fitted as Gaussian
     Cell("sys", "cosmics-t5", {}, systematic="outliers (Student-t 5)", fit_options={"student_t": 5.0},
