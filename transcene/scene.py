@@ -68,13 +68,9 @@ def with_psf_width(ep: EpochStack, width: Array) -> EpochStack:
     sigma^2 times ``1 + 2 width``: the PSF spectrum times the Fourier transform of a Gaussian of
     variance ``2 width sigma^2`` (a deconvolution for negative ``width``).
 
-    The host keeps the written PSF. With a pixel host, a free width on the host's rendering is
-    degenerate with the host's weakly constrained high frequencies: sharpening one epoch's PSF
-    lets them fit that epoch's noise, and the MAP does it (validation cell sys:psf1.5%-nuis,
-    seed 0: widths of -0.13 to -0.23 at a prior of 0.015, the objective 4700 lower, and the
-    Gauss-Newton solves stalled). A width error's effect on the host light is a residual the
-    other epochs cannot absorb either way; its effect on the transient's flux is the one that
-    matters, and that is what the nuisance models."""
+    The host keeps the written PSF: a free width on a pixel host's rendering is degenerate with
+    its weakly constrained high frequencies (sharpening an epoch lets them fit its noise; the
+    MAP ran to widths of -0.2 at a prior of 0.015; docs/model.md, robustness options)."""
     a = jnp.asarray(ep.amat)
     w = jnp.asarray(width)[..., None, None]
     var = 2.0 * w * jnp.asarray(ep.psf_var)[..., None, None]  # arcsec^2
