@@ -73,7 +73,7 @@ def test_width_broadens_a_gaussian_psf_exactly(width, over):
     if width == 0.0:
         np.testing.assert_array_equal(np.asarray(wide.psf_hat), np.asarray(ep.psf_hat))
     # the host keeps the written PSF (a free host PSF width is degenerate with a pixel host)
-    np.testing.assert_array_equal(np.asarray(wide.q_hat), np.asarray(ep.q_hat))
+    np.testing.assert_array_equal(np.asarray(wide.q_line), np.asarray(ep.q_line))
 
 
 def test_psf_width_nuisance_restores_the_fluxes(fits):
@@ -115,3 +115,37 @@ def test_pixel_host_fit_with_the_nuisance_converges_and_keeps_the_widths_small()
     idx = np.asarray(res.dataset.epochs["index"])
     pull = (np.asarray(lc["flux"]) - np.asarray(truth["flux_true"])[idx])[sci] / np.asarray(lc["flux_err"])[sci]
     assert np.all(np.abs(pull) < 4.0), pull
+
+
+@pytest.mark.parametrize("psf_width_jitter", [0.0, 0.05])
+def test_local_jacobian_equals_forward_differentiation_of_the_rendering(psf_width_jitter):
+    """The flux, sky and zero-point columns are written down rather than differentiated: they must
+    equal ``jacfwd`` of the rendering, as the differentiated shift (and PSF-width) columns do, at
+    a point where every local parameter is non-zero and with a static source in the scene."""
+    import equinox as eqx
+    import jax
+
+    from transcene.fit import initial_scene
+    from transcene.scene import host_spectrum, local_jacobian, render_epoch
+
+    ds = make_dataset(_epochs(1), TARGET, fit_radius=3.5, pad_epochs=False, psf_width_jitter=psf_width_jitter)
+    star = SkyCoord(TARGET.ra + 1.5 * u.arcsec, TARGET.dec - 1.0 * u.arcsec)
+    scene = initial_scene(ds, stars=star)
+    glob = eqx.tree_at(lambda g: (g.host.image, g.position, g.star_flux), scene.glob,
+                       (scene.glob.host.image + 50.0, jnp.asarray(OFFSET), scene.glob.star_flux + 3000.0))
+    st = ds.stacks[0]
+    rng = np.random.default_rng(3)
+    loc = jnp.asarray(np.column_stack([rng.normal(2e4, 5e3, st.n_epochs), rng.normal(100, 5, st.n_epochs),
+                                       rng.normal(0, 0.05, (st.n_epochs, 2)), rng.normal(0, 0.01, st.n_epochs),
+                                       rng.normal(0, 0.02 if psf_width_jitter else 0.0, st.n_epochs)]))
+    model, jac = local_jacobian(glob, loc, st, ds.grid)
+    hft = host_spectrum(glob, ds.grid)
+    for e in range(st.n_epochs):
+        ep = epoch_slice(st, e)
+        f = lambda l: render_epoch(hft, glob, l, ep, ds.grid)  # noqa: E731
+        np.testing.assert_allclose(np.asarray(model[e]), np.asarray(f(loc[e])), rtol=0, atol=1e-9 * float(jnp.max(jnp.abs(model[e]))))
+        ref = np.asarray(jax.jacfwd(f)(loc[e]))
+        scale = np.max(np.abs(ref), axis=(0, 1)) + 1e-300
+        np.testing.assert_allclose(np.asarray(jac[e]) / scale, ref / scale, rtol=0, atol=1e-10)
+        if not psf_width_jitter:
+            assert not np.any(np.asarray(jac[e, ..., 5]))  # the nuisance off: no column

@@ -4,7 +4,8 @@
 leading epoch axis, in nJy. ``ModelGrid`` (traced) is the host's pixel grid on the tangent plane
 at the target. ``Dataset`` (plain Python, never traced) holds the stacks, the grid, the target and
 the per-epoch metadata table. Shapes are padded to buckets (image side to a multiple of 16, epoch
-count to the next 2^k or 1.5 x 2^k) so that compiled programs are reused across targets and nights.
+count to the next of a few sizes per doubling, ``_epoch_bucket``) so that compiled programs are
+reused across targets and nights.
 """
 
 from __future__ import annotations
@@ -53,7 +54,10 @@ class EpochStack(eqx.Module):
     data: Float[Array, "epoch y x"]
     weight: Float[Array, "epoch y x"]
     psf_hat: Complex[Array, "epoch k k fy fxh"]  # psf.alias_spectrum (k: the PSF's oversampling)
-    q_hat: Complex[Array, "epoch m mh"]
+    #: the PSF resampled into the model frame, as its ``render.line_spectra`` layout for this
+    #: epoch (``[..., 1]`` where ``swap``, else ``[..., 0]``)
+    q_line: Complex[Array, "epoch mh m"]
+    swap: Float[Array, "epoch"]  # 1 where the sampler runs with the model axes swapped (render.axes_swapped)
     p0: Float[Array, "epoch 2"]
     amat: Float[Array, "epoch 2 2"]
     ainv: Float[Array, "epoch 2 2"]
@@ -72,7 +76,7 @@ class EpochStack(eqx.Module):
         if self.data.ndim != 3:  # a single-epoch slice
             return
         n = self.data.shape[0]
-        for name in ("weight", "psf_hat", "q_hat", "p0", "amat", "ainv", "band"):
+        for name in ("weight", "psf_hat", "q_line", "swap", "p0", "amat", "ainv", "band"):
             if getattr(self, name).shape[0] != n:
                 raise ValueError(f"EpochStack.{name} has {getattr(self, name).shape[0]} epochs, expected {n}")
 
@@ -147,14 +151,17 @@ def _bucket(n: int, multiple: int) -> int:
 
 
 def _epoch_bucket(n: int) -> int:
-    """Smallest of 1, 2, 3, 4, 6, 8, 12, 16, 24, ... (2^k and 1.5 x 2^k) that holds ``n``.
+    """Smallest of 1, 2, 3, 4, 6, 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, ... (below 8: 2^k and
+    1.5 x 2^k; from 8: 2^k times 1, 1.25, 1.5 and 1.75) that holds ``n``.
 
-    Few distinct shapes (compiled programs are reused) at most 33 % padding (padded slots cost
-    as much as real epochs in every pass).
+    Few distinct shapes (compiled programs are reused, four per doubling of the epoch count) and
+    at most 20 % padded slots from 8 epochs on (padded slots cost as much as real epochs in
+    every pass: 100 epochs are 112 slots, not 128).
     """
     b = 1
     while True:
-        for c in (b, 3 * b // 2 if b >= 2 else b):
+        sizes = (b, b * 5 // 4, b * 3 // 2, b * 7 // 4) if b >= 8 else (b, max(b * 3 // 2, b))
+        for c in sizes:
             if c >= n:
                 return c
         b *= 2
@@ -213,7 +220,8 @@ def make_dataset(
             sources between pixel centres are rendered with the right profile. Off, such PSFs are
             sinc-interpolated and fluxes come out 1-8 % low at FWHM 1.25-1.75 pixels
             (``scripts/psf_sampling_bias.py``).
-        pad_epochs: pad epoch counts to buckets (2^k or 1.5 x 2^k) so compiled programs are reused.
+        pad_epochs: pad epoch counts to buckets (``_epoch_bucket``: 100 epochs are 112 slots) so compiled
+            programs are reused.
     """
     if len(epochs) == 0:
         raise DatasetError("no epochs to fit")
@@ -360,7 +368,8 @@ def make_dataset(
         # the stack's PSF sampling: the finest any member has (coarser ones are interpolated)
         k_s = max(items[i]["k_psf"] for i in members)
         psf_hat = np.zeros((n_pad, k_s, k_s, nf, nf // 2 + 1), complex)
-        q_hat = np.zeros((n_pad, m_size, m_size // 2 + 1), complex)
+        q_line = np.zeros((n_pad, m_size // 2 + 1, m_size), complex)
+        swap = np.zeros(n_pad)
         p0 = np.zeros((n_pad, 2))
         amat = np.tile(np.eye(2), (n_pad, 1, 1))
         ainv = np.tile(np.eye(2), (n_pad, 1, 1))
@@ -391,9 +400,12 @@ def make_dataset(
                 fine = fine * (k_s**2 / fine.sum())
             psf_hat[slot] = alias_spectrum(fine, k_s, nf)  # k_s = 1: the rfft2 of the stamp
             b_mat = it["a"] @ np.linalg.inv(to_model)  # epoch px per model px
+            b_inv = to_model @ it["ainv"]  # model px per epoch px: the sampler's map (render.host_on_epoch)
             hq = min(int(math.ceil(it["h"] * it["scale"] / scale_m)) + 1, m_size // 2 - 1)
             q = psf_to_model_frame(src, b_mat, hq, nf, oversample=k_e)
-            q_hat[slot] = centred_fft(q, (m_size, m_size))
+            full = centred_fft(q, (m_size, m_size))
+            swap[slot] = float(np.abs(b_inv[1, 0]) > np.abs(b_inv[0, 0]))
+            q_line[slot] = full[:, : m_size // 2 + 1].T if swap[slot] else full[: m_size // 2 + 1, :]
             p0[slot] = it["p0"]
             amat[slot] = it["a"]
             ainv[slot] = it["ainv"]
@@ -428,7 +440,8 @@ def make_dataset(
                 data=jnp.asarray(data),
                 weight=jnp.asarray(weight),
                 psf_hat=jnp.asarray(psf_hat),
-                q_hat=jnp.asarray(q_hat),
+                q_line=jnp.asarray(q_line),
+                swap=jnp.asarray(swap),
                 p0=jnp.asarray(p0),
                 amat=jnp.asarray(amat),
                 ainv=jnp.asarray(ainv),

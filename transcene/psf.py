@@ -91,7 +91,7 @@ def psf_to_model_frame(psf: np.ndarray, epoch_px_per_model_px: np.ndarray, half:
 
 
 def centred_fft(stamp: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """rfft2 of ``stamp`` placed in an array of ``shape`` with its centre at index (0, 0)."""
+    """Full 2-D DFT (``fft2``) of ``stamp`` placed in an array of ``shape`` with its centre at index (0, 0)."""
     ny, nx = shape
     big = np.zeros(shape)
     sy, sx = stamp.shape
@@ -100,7 +100,7 @@ def centred_fft(stamp: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
         raise ValueError(f"PSF stamp {stamp.shape} larger than FFT grid {shape}")
     big[:sy, :sx] = stamp
     big = np.roll(big, (-cy, -cx), axis=(0, 1))
-    return np.fft.rfft2(big)
+    return np.fft.fft2(big)
 
 
 def alias_spectrum(fine: np.ndarray, k: int, nf: int) -> np.ndarray:

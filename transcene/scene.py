@@ -22,7 +22,7 @@ from jaxtyping import Array, Float
 
 from .dataset import EpochStack, ModelGrid
 from .host import PixelHost, SersicHost
-from .render import batched, host_on_epoch, point_sources, psf_frequencies
+from .render import batched, host_on_epoch, line_spectra, point_sources, psf_frequencies
 
 __all__ = ["SceneGlobal", "Scene", "render_stack", "LOCAL_FLUX", "LOCAL_SKY", "N_LOCAL"]
 
@@ -88,7 +88,8 @@ def with_psf_width(ep: EpochStack, width: Array) -> EpochStack:
 
 
 def host_spectrum(glob: SceneGlobal, grid: ModelGrid) -> Array:
-    return jnp.fft.rfft2(glob.host.images(grid))
+    """The host's ``render.line_spectra`` ``[band, 2, m/2 + 1, m]``, what ``render_epoch`` takes."""
+    return line_spectra(glob.host.images(grid))
 
 
 def render_stack(glob: SceneGlobal, local: Float[Array, "epoch 6"], stack: EpochStack, grid: ModelGrid) -> Array:
@@ -101,15 +102,34 @@ def render_stack(glob: SceneGlobal, local: Float[Array, "epoch 6"], stack: Epoch
 def local_jacobian(glob: SceneGlobal, local: Array, stack: EpochStack, grid: ModelGrid) -> tuple[Array, Array]:
     """Model images and their derivatives with respect to each epoch's local parameters.
 
-    Returns ``(model [e, y, x], jac [e, y, x, 6])``.
+    Returns ``(model [e, y, x], jac [e, y, x, 6])``. The flux, sky and zero-point columns are
+    written down (the model is linear in the first two and proportional to ``1 + zp``); only
+    the shifts (and the PSF width, when fitted) go through forward-mode differentiation, which
+    renders the whole epoch once per column (a Gauss-Newton step's largest fixed cost).
     """
     host_ft = host_spectrum(glob, grid)
+    n_nl = 3 if stack.fit_psf_width else 2  # shift_xi, shift_eta (, psf_width)
 
     def one(args):
         loc, ep = args
-        f = lambda l: render_epoch(host_ft, glob, l, ep, grid)  # noqa: E731
-        model, jvp_fn = jax.linearize(f, loc)
-        jac = jax.vmap(jvp_fn, out_axes=-1)(jnp.eye(loc.shape[0]))
-        return model, jac
+        band = ep.band.astype(jnp.int32)
+        offsets = jnp.concatenate([glob.position[None, :], glob.star_position], axis=0)
+        fluxes = jnp.concatenate([loc[LOCAL_FLUX][None], glob.star_flux[:, band]])
+
+        def sources(nl):  # host and point sources before calibration, of the non-linear locals
+            e = with_psf_width(ep, nl[2]) if ep.fit_psf_width else ep
+            return host_on_epoch(host_ft[band], e, grid, nl[:2]) + point_sources(e, offsets, fluxes, nl[:2])
+
+        nl = jnp.concatenate([loc[LOCAL_SHIFT], loc[LOCAL_PSF:LOCAL_PSF + 1]])[:n_nl]
+        img, jvp_fn = jax.linearize(sources, nl)
+        d_nl = jax.vmap(jvp_fn, out_axes=-1)(jnp.eye(n_nl))
+        e = with_psf_width(ep, loc[LOCAL_PSF]) if ep.fit_psf_width else ep
+        unit = point_sources(e, glob.position[None, :], jnp.ones(1), loc[LOCAL_SHIFT])
+        cal = ep.scale * (1.0 + loc[LOCAL_ZP])
+        zero = jnp.zeros_like(img)
+        psf_col = cal * d_nl[..., 2] if ep.fit_psf_width else zero
+        jac = jnp.stack([cal * unit, jnp.ones_like(img), cal * d_nl[..., 0], cal * d_nl[..., 1], ep.scale * img, psf_col],
+                        axis=-1)
+        return cal * img + loc[LOCAL_SKY], jac
 
     return batched(one, stack.n_epochs)((local, stack))
