@@ -74,7 +74,7 @@ NL_TOL = 0.03
 #: ...and the transient/star position steps below this many arcsec
 POS_TOL = 1e-3
 #: CG relative residual of the phase-1 steps (inexact Gauss-Newton: a step only has to be good
-#: to a fraction of itself; phase 2 and the covariance solve to LINEAR_TOL = 1e-4). Measured on 32 epochs:
+#: to a fraction of itself; phase 2 solves to LINEAR_TOL = 1e-4, the covariance to COV_TOL). Measured on 32 epochs:
 #: 522 CG iterations instead of 1281 at 1e-4, the same 12-13 GN iterations, fluxes within
 #: 0.01 sigma and flux errors within 1e-4 of the 1e-4 fit.
 PHASE1_TOL = 1e-2

@@ -232,8 +232,13 @@ def chi2_per_epoch(scene: Scene, stacks: tuple[EpochStack, ...], grid: ModelGrid
     return _chi2_terms(scene, stacks, grid)
 
 
-#: CG relative residual of the solves whose results are reported (final linear step, covariance)
+#: CG relative residual of the solves whose results are reported (final linear step, exact variances)
 LINEAR_TOL = 1e-4
+#: ``flux_covariance``'s defaults (measured there): exact up to this many free epochs, beyond it
+#: a Nystrom approximation from this many probes, block CG to this relative residual
+COV_EXACT_MAX = 16
+COV_PROBES = 8
+COV_TOL = 1e-3
 CG_MAXITER = 1000
 
 
@@ -611,8 +616,8 @@ def _probe_solves(scene: Scene, stacks, grid: ModelGrid, pa: PriorArrays, probes
     return omega, np.asarray(z), np.asarray(local_var), xs[:k], (xs[k_pad:] if position else None), its
 
 
-def flux_covariance(scene: Scene, stacks, grid: ModelGrid, pa: PriorArrays, *, probes: int = 16,
-                    tol: float = LINEAR_TOL, seed: int = 0, deflate: bool = True):
+def flux_covariance(scene: Scene, stacks, grid: ModelGrid, pa: PriorArrays, *, probes: int | None = None,
+                    tol: float = COV_TOL, seed: int = 0, deflate: bool = True):
     """Covariance of the epoch fluxes over all epochs (stacks concatenated), marginalised.
 
     ``Cov = diag(N_e^-1) + M`` with ``M = Z S^-1 Z^T`` (Z: the rows ``z_e``). M is exact when at
@@ -621,21 +626,29 @@ def flux_covariance(scene: Scene, stacks, grid: ModelGrid, pa: PriorArrays, *, p
     per band (its free epochs) and Gaussian columns (fixed ``seed``) for the rest. M has one
     dominant direction per band (the host light exactly under the transient, which only
     transient-free epochs constrain: the band indicator is close to it) and then a tail falling
-    from ~1.5e-2 of the top. Measured on 26 free epochs in 2 bands (seeing 1.5-3", rotated
-    epochs): largest relative flux-error error 1.8e-3 with 8 probes, 1.4e-3 with 12, 4.5e-4
-    with 16 (random probes only: 4.4e-3, 1.1e-3, 5.9e-4). The probes (and the two position rows)
+    from ~1.5e-2 of the top. Largest relative error of a flux error against the exact
+    covariance (seeing 1.5-3", rotated epochs, 2 bands): 26 free epochs, 1.8e-3 with 8 probes,
+    1.4e-3 with 12, 4.5e-4 with 16 (random probes only: 4.4e-3, 1.1e-3, 5.9e-4); 90 free epochs
+    of 64x64 (``scripts/benchmark.py``'s 100), 2.3e-3 with 8 (median 7e-5), 1.4e-3 with 12,
+    1.8e-3 with 16, correlations within 4.6e-3 with 8. The probes (and the two position rows)
     are solved by block CG (``_block_pcg``), which shares one Krylov space: on 31 epochs of
     32x32 px, 16 probes take 27 block iterations and the position rows another 28, instead of
-    146 for the slowest of 18 independent solves (covariance 65-80 s -> 21 s; the exact path
-    with 26 probes: 30 s). It is still the largest part of a fit's
-    time (tests/test_geometry_render.py checks the approximation against the exact covariance).
-    The Nystrom term is never larger than the exact one (Loewner order), so an error it makes is
-    a slight underestimate. CG errors enter these
-    quadratic forms squared, hence ``tol``.
+    146 for the slowest of 18 independent solves. Its tolerance hardly matters next to the
+    Nystrom error: at 90 epochs, 1e-3 instead of 1e-4 leaves the flux errors' largest and median
+    errors as they were (1.8e-3 and 2.8e-5 with 16 probes) and moves the position's by 1.8e-4,
+    in 44 block iterations of 8 probes instead of 54 (16 probes at 1e-4: 47 iterations, twice
+    the operator applications of 8 at 1e-3). Hence the defaults (``probes=None``): exact up to
+    ``COV_EXACT_MAX`` (16) free epochs, where it is cheap, and 8 probes (``COV_PROBES``) beyond,
+    all to a residual of 1e-3 (``COV_TOL``): the covariance was half of a 100-epoch fit's time. The Nystrom term is never larger than the exact one (Loewner order), so
+    an error it makes is a slight underestimate (tests/test_geometry_render.py checks the
+    approximation against the exact covariance).
 
     Returns ``(cov [E, E], local_var [E, 6], position_cov [2, 2], cg_iterations)`` where E is the
     total number of (padded) epoch slots in stack order.
     """
+    if probes is None:
+        n_free = int(sum(np.sum(np.asarray(st.free_flux * st.valid) > 0) for st in stacks))
+        probes = COV_EXACT_MAX if n_free <= COV_EXACT_MAX else COV_PROBES
     omega, z, local_var, xs, xs_pos, its = _probe_solves(scene, stacks, grid, pa, probes, tol, seed, deflate, True)
     pos_idx = _position_index(scene.glob)
     y = z @ xs.T  # [E, k] = M Omega
