@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import pytest
 from astropy.table import Table
 
 import transcene  # noqa: F401  (enables float64)
+
+# the CLI caches compiled programs on disk (transcene.compile_cache); tests run it in-process and
+# must not write to the user's cache, nor let one test's programs change another's timing
+os.environ["TRANSCENE_COMPILE_CACHE"] = "0"
 
 
 @dataclasses.dataclass(frozen=True)

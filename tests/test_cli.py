@@ -309,3 +309,29 @@ def test_log_lines_reach_each_invocations_stderr(sim_dir_with_broken_file, small
     finally:
         root.handlers, _ = saved
         root.setLevel(saved[1])
+
+
+def test_compile_cache_writes_compiled_programs_and_can_be_turned_off(tmp_path):
+    """In a fresh process (the setting is process-wide): programs land in the directory; with
+    TRANSCENE_COMPILE_CACHE=0 nothing is enabled."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import jax, jax.numpy as jnp, sys\n"
+        "from transcene.compile_cache import enable_compile_cache\n"
+        "d = enable_compile_cache(sys.argv[1], min_compile_s=0)\n"
+        "print(d)\n"
+        "jax.block_until_ready(jax.jit(lambda x: jnp.fft.rfft(x) * 2)(jnp.ones(64)))\n"
+    )
+    env = dict(os.environ, TRANSCENE_COMPILE_CACHE="1")
+    on = subprocess.run([sys.executable, "-c", code, str(tmp_path / "on")], env=env, capture_output=True, text=True)
+    assert on.returncode == 0, on.stderr
+    assert on.stdout.strip() == str(tmp_path / "on")
+    assert any((tmp_path / "on").iterdir())
+    env["TRANSCENE_COMPILE_CACHE"] = "0"
+    off = subprocess.run([sys.executable, "-c", code, str(tmp_path / "off")], env=env, capture_output=True, text=True)
+    assert off.returncode == 0, off.stderr
+    assert off.stdout.strip() == "None"
+    assert not (tmp_path / "off").exists()

@@ -47,6 +47,10 @@ def _setup(verbose: bool, quiet: bool) -> None:
         err.print(f"[yellow]warning:[/yellow] {escape(str(message))}")
 
     warnings.showwarning = show
+    # compiled programs from disk: a new process skips most of a first fit's compilation
+    from .compile_cache import enable_compile_cache
+
+    enable_compile_cache()
 
 
 def _fail(exc: BaseException, verbose: bool) -> None:
