@@ -25,6 +25,7 @@ from astropy.coordinates import SkyCoord
 from astropy.table import Table
 
 from transcene.api import lightcurve, write_outputs
+from transcene.compile_cache import enable_compile_cache
 from transcene.result import write_table
 from transcene.surveys.fetch import safe_name
 
@@ -84,6 +85,9 @@ def main(argv=None) -> int:
     p.add_argument("--dir", type=Path, default=None, help="local directory for file-reading adapters")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    # targets share compiled programs within the run (shapes are bucketed) and, through the
+    # on-disk cache, with the next night's run
+    enable_compile_cache()
     targets = Table.read(args.targets)
     missing = [c for c in ("name", "ra", "dec") if c not in targets.colnames]
     if missing:
