@@ -349,6 +349,8 @@ def make_dataset(
             stacklevel=2,
         )
 
+    from .render import axes_swapped  # render imports this module's types
+
     # group into shape buckets
     groups: dict[tuple[int, int], list[int]] = {}
     for i, it in enumerate(items):
@@ -404,7 +406,7 @@ def make_dataset(
             hq = min(int(math.ceil(it["h"] * it["scale"] / scale_m)) + 1, m_size // 2 - 1)
             q = psf_to_model_frame(src, b_mat, hq, nf, oversample=k_e)
             full = centred_fft(q, (m_size, m_size))
-            swap[slot] = float(np.abs(b_inv[1, 0]) > np.abs(b_inv[0, 0]))
+            swap[slot] = float(axes_swapped(b_inv))  # the sampler's own criterion, fixed per epoch
             q_line[slot] = full[:, : m_size // 2 + 1].T if swap[slot] else full[: m_size // 2 + 1, :]
             p0[slot] = it["p0"]
             amat[slot] = it["a"]
