@@ -52,15 +52,21 @@ def render_epoch(
     host_ft: Array, glob: SceneGlobal, loc: Float[Array, "6"], ep: EpochStack, grid: ModelGrid
 ) -> Float[Array, "y x"]:
     """Model image (nJy per pixel) of one epoch (``ep`` without its epoch axis)."""
+    img = _sources(host_ft, glob, loc[LOCAL_FLUX], loc[LOCAL_SHIFT], loc[LOCAL_PSF], ep, grid)
+    return ep.scale * (1.0 + loc[LOCAL_ZP]) * img + loc[LOCAL_SKY]
+
+
+def _sources(host_ft: Array, glob: SceneGlobal, flux: Array, shift: Float[Array, "2"], width: Array, ep: EpochStack,
+             grid: ModelGrid) -> Float[Array, "y x"]:
+    """One epoch's host and point sources before its calibration and sky (nJy per pixel), for the
+    transient ``flux`` (nJy), the epoch's ``shift`` (arcsec) and PSF ``width`` (used only when
+    ``ep.fit_psf_width``)."""
     band = ep.band.astype(jnp.int32)
     if ep.fit_psf_width:  # static: the PSF-width nuisance costs nothing when off
-        ep = with_psf_width(ep, loc[LOCAL_PSF])
-    shift = loc[LOCAL_SHIFT]
-    img = host_on_epoch(host_ft[band], ep, grid, shift)
+        ep = with_psf_width(ep, width)
     offsets = jnp.concatenate([glob.position[None, :], glob.star_position], axis=0)
-    fluxes = jnp.concatenate([loc[LOCAL_FLUX][None], glob.star_flux[:, band]])
-    img = img + point_sources(ep, offsets, fluxes, shift)
-    return ep.scale * (1.0 + loc[LOCAL_ZP]) * img + loc[LOCAL_SKY]
+    fluxes = jnp.concatenate([flux[None], glob.star_flux[:, band]])
+    return host_on_epoch(host_ft[band], ep, grid, shift) + point_sources(ep, offsets, fluxes, shift)
 
 
 def with_psf_width(ep: EpochStack, width: Array) -> EpochStack:
@@ -112,22 +118,18 @@ def local_jacobian(glob: SceneGlobal, local: Array, stack: EpochStack, grid: Mod
 
     def one(args):
         loc, ep = args
-        band = ep.band.astype(jnp.int32)
-        offsets = jnp.concatenate([glob.position[None, :], glob.star_position], axis=0)
-        fluxes = jnp.concatenate([loc[LOCAL_FLUX][None], glob.star_flux[:, band]])
 
-        def sources(nl):  # host and point sources before calibration, of the non-linear locals
-            e = with_psf_width(ep, nl[2]) if ep.fit_psf_width else ep
-            return host_on_epoch(host_ft[band], e, grid, nl[:2]) + point_sources(e, offsets, fluxes, nl[:2])
+        def sources(nl):  # of the non-linear locals: shift_xi, shift_eta (, psf_width)
+            width = nl[2] if ep.fit_psf_width else loc[LOCAL_PSF]
+            return _sources(host_ft, glob, loc[LOCAL_FLUX], nl[:2], width, ep, grid)
 
         nl = jnp.concatenate([loc[LOCAL_SHIFT], loc[LOCAL_PSF:LOCAL_PSF + 1]])[:n_nl]
         img, jvp_fn = jax.linearize(sources, nl)
         d_nl = jax.vmap(jvp_fn, out_axes=-1)(jnp.eye(n_nl))
         e = with_psf_width(ep, loc[LOCAL_PSF]) if ep.fit_psf_width else ep
-        unit = point_sources(e, glob.position[None, :], jnp.ones(1), loc[LOCAL_SHIFT])
+        unit = point_sources(e, glob.position[None, :], jnp.ones(1), loc[LOCAL_SHIFT])  # d/d flux
         cal = ep.scale * (1.0 + loc[LOCAL_ZP])
-        zero = jnp.zeros_like(img)
-        psf_col = cal * d_nl[..., 2] if ep.fit_psf_width else zero
+        psf_col = cal * d_nl[..., 2] if ep.fit_psf_width else jnp.zeros_like(img)
         jac = jnp.stack([cal * unit, jnp.ones_like(img), cal * d_nl[..., 0], cal * d_nl[..., 1], ep.scale * img, psf_col],
                         axis=-1)
         return cal * img + loc[LOCAL_SKY], jac
