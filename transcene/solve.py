@@ -575,6 +575,11 @@ def _covariance_solves(scene: Scene, stacks, grid: ModelGrid, pa: PriorArrays, p
     return z, jnp.concatenate(local_var, axis=0), jnp.concatenate([xs, xs_pos], axis=0), its + its_pos
 
 
+def _free_epochs(stacks) -> np.ndarray:
+    """Indices (stacks concatenated) of the epoch slots whose flux is free."""
+    return np.flatnonzero(np.concatenate([np.asarray(st.free_flux * st.valid) for st in stacks]) > 0)
+
+
 def _probe_solves(scene: Scene, stacks, grid: ModelGrid, pa: PriorArrays, probes: int, tol: float, seed: int,
                   deflate: bool, position: bool):
     """The probe matrix Omega ``[E, k]`` of ``flux_covariance`` and its solves: returns
@@ -582,7 +587,7 @@ def _probe_solves(scene: Scene, stacks, grid: ModelGrid, pa: PriorArrays, probes
     as numpy arrays (``xs``: ``S^-1`` applied to the ``Omega^T Z`` rows; ``xs_pos`` to the
     position's unit rows, solved only with ``position``)."""
     # epochs whose flux is free (the z rows of the others are exactly zero)
-    free = np.flatnonzero(np.concatenate([np.asarray(st.free_flux * st.valid) for st in stacks]) > 0)
+    free = _free_epochs(stacks)
     n_e = sum(st.n_epochs for st in stacks)
     if free.size <= probes:
         # exact with any invertible square Omega on the free epochs. A random rotation rather
@@ -639,16 +644,16 @@ def flux_covariance(scene: Scene, stacks, grid: ModelGrid, pa: PriorArrays, *, p
     in 44 block iterations of 8 probes instead of 54 (16 probes at 1e-4: 47 iterations, twice
     the operator applications of 8 at 1e-3). Hence the defaults (``probes=None``): exact up to
     ``COV_EXACT_MAX`` (16) free epochs, where it is cheap, and 8 probes (``COV_PROBES``) beyond,
-    all to a residual of 1e-3 (``COV_TOL``): the covariance was half of a 100-epoch fit's time. The Nystrom term is never larger than the exact one (Loewner order), so
-    an error it makes is a slight underestimate (tests/test_geometry_render.py checks the
-    approximation against the exact covariance).
+    all to a residual of 1e-3 (``COV_TOL``): the covariance was half of a 100-epoch fit's time.
+    The Nystrom term is never larger than the exact one (Loewner order), so an error it makes is
+    a slight underestimate (tests/test_geometry_render.py checks the approximation against the
+    exact covariance).
 
     Returns ``(cov [E, E], local_var [E, 6], position_cov [2, 2], cg_iterations)`` where E is the
     total number of (padded) epoch slots in stack order.
     """
     if probes is None:
-        n_free = int(sum(np.sum(np.asarray(st.free_flux * st.valid) > 0) for st in stacks))
-        probes = COV_EXACT_MAX if n_free <= COV_EXACT_MAX else COV_PROBES
+        probes = COV_EXACT_MAX if _free_epochs(stacks).size <= COV_EXACT_MAX else COV_PROBES
     omega, z, local_var, xs, xs_pos, its = _probe_solves(scene, stacks, grid, pa, probes, tol, seed, deflate, True)
     pos_idx = _position_index(scene.glob)
     y = z @ xs.T  # [E, k] = M Omega
@@ -711,7 +716,7 @@ def flux_estimator_variance(scene: Scene, stacks, grid: ModelGrid, pa: PriorArra
 
     Returns ``(posterior_var [E], sampling_var [E])`` in nJy^2, stack order (0 where not free).
     """
-    n_free = int(sum(np.sum(np.asarray(st.free_flux * st.valid) > 0) for st in stacks))
+    n_free = _free_epochs(stacks).size
     omega, z, local_var, xs, _, _ = _probe_solves(scene, stacks, grid, pa, max(n_free, 1), tol, seed, True, False)
     g = omega @ xs  # [E, n_g]: S^-1 z_e for the free epochs (Omega orthonormal on them)
     post = local_var[:, 0] + np.einsum("ej,ej->e", z, g)
