@@ -875,6 +875,47 @@ def test_nystrom_flux_covariance_is_close_to_and_below_the_exact_one(fit_results
     np.testing.assert_allclose(np.sqrt(np.diag(approx)), np.sqrt(np.diag(exact)), rtol=0.02)
 
 
+def test_single_precision_linearisation_is_the_double_one_to_float32_rounding(fit_results):
+    """The mixed-precision operator: its jvp equals the float64 one to float32 rounding, and its
+    vjp is that jvp's exact transpose (a dot-product test), so the reduced operator stays
+    symmetric and CG sees a consistent (slightly perturbed) linear problem."""
+    from jax.flatten_util import ravel_pytree
+
+    from transcene.solve import _linearised_model
+
+    ds, res, _ = fit_results[0]
+    jvp64, _ = _linearised_model(res.scene, ds.stacks, ds.grid, single=False)
+    jvp32, vjp32 = _linearised_model(res.scene, ds.stacks, ds.grid, single=True)
+    flat, unravel = ravel_pytree(res.scene.glob)
+    rng = np.random.default_rng(3)
+    v = unravel(jnp.asarray(rng.normal(size=flat.shape)))
+    a64, a32 = jvp64(v)[0], jvp32(v)[0]
+    assert a32.dtype == jnp.float64  # converted back at the boundary
+    rel = float(jnp.linalg.norm(a32 - a64) / jnp.linalg.norm(a64))
+    assert 1e-9 < rel < 1e-5, rel  # > 1e-9: it really ran in single precision
+    u_img = jnp.asarray(rng.normal(size=a64.shape))
+    lhs = float(jnp.vdot(u_img, a32))
+    rhs = float(jnp.vdot(ravel_pytree(vjp32((u_img,))[0])[0], ravel_pytree(v)[0]))
+    assert abs(lhs - rhs) < 1e-5 * float(jnp.linalg.norm(u_img) * jnp.linalg.norm(a32)), (lhs, rhs)
+
+
+def test_mixed_precision_fit_equals_the_double_precision_fit(fit_results):
+    """``mixed_precision`` (the default) only changes how the CG solves apply the operator:
+    the same MAP and the same errors as float64 throughout, far inside their own accuracy."""
+    from jax.flatten_util import ravel_pytree
+
+    from transcene.solve import _DENSE_MAX
+
+    ds, res, _ = fit_results[0]
+    assert ravel_pytree(res.scene.glob)[0].size > _DENSE_MAX  # the iterative (mixed) path
+    double = fit(ds, mixed_precision=False)
+    a, b = res.lightcurve(), double.lightcurve()
+    sci = ~np.asarray(b["is_reference"])
+    err = np.asarray(b["flux_err"])[sci]
+    assert np.max(np.abs(np.asarray(a["flux"])[sci] - np.asarray(b["flux"])[sci]) / err) < 1e-3
+    np.testing.assert_allclose(np.asarray(a["flux_err"])[sci], err, rtol=1e-4)
+
+
 @given(n=st.integers(1, 5000))
 def test_epoch_buckets_hold_n_with_little_padding_and_few_shapes(n):
     """Padded slots cost as much as real epochs, distinct counts cost a compilation each."""

@@ -236,13 +236,13 @@ def _student_t_final(scene: Scene, gaussian_stacks, grid, nu: float):
     return cov_stacks, chi2, n_out
 
 
-def _uncertainties(method: str, scene: Scene, stacks, grid, pa):
+def _uncertainties(method: str, scene: Scene, stacks, grid, pa, mixed: bool):
     """``(flux covariance [E, E], local conditional variances [E, 6], position covariance)``."""
     if method == "laplace":
-        cov, local_var, pos_cov, _ = flux_covariance(scene, stacks, grid, pa)
+        cov, local_var, pos_cov, _ = flux_covariance(scene, stacks, grid, pa, mixed=mixed)
     elif method == "linear":
         scene0, frozen, pa_frozen = freeze_geometry(scene, stacks, pa, grid)
-        cov, local_var, _, _ = flux_covariance(scene0, frozen, grid, pa_frozen)
+        cov, local_var, _, _ = flux_covariance(scene0, frozen, grid, pa_frozen, mixed=mixed)
         pos_cov = np.full((2, 2), np.nan)  # fixed, not estimated
     else:  # map
         scene0, frozen, _ = freeze_geometry(scene, stacks, pa, grid)
@@ -279,6 +279,7 @@ def fit(
     nuts: NutsOptions = NutsOptions(),
     key: jax.Array | None = None,
     position: Literal["auto", "free", "fixed"] = "auto",
+    mixed_precision: bool = True,
 ) -> FitResult:
     """Fit the scene to ``ds`` and return the light curve with Gaussian flux errors.
 
@@ -331,6 +332,11 @@ def fit(
             target. A held position's uncertainty is not propagated into the flux errors; the
             light curve's metadata ``position`` says which happened. ``method="nuts"`` samples
             the position and is never held under ``"auto"``.
+        mixed_precision: evaluate the linearised rendering inside the conjugate-gradient solves
+            (Gauss-Newton steps, covariance) in float32; everything else (renders, residuals,
+            objective, the final numbers) stays float64. Default on: ~1.5x faster fits of a
+            pixel host, with fluxes within 3e-5 sigma and errors within 1e-6 of float64
+            (``solve._linearised_model``). ``False``: float64 throughout.
     """
     if position not in POSITION_MODES:
         raise ValueError(f"position must be one of {', '.join(POSITION_MODES)}; got {position!r}")
@@ -381,7 +387,7 @@ def fit(
             stacks, obj, chi2 = _student_t_reweight(scene, gaussian_stacks, grid, pa, student_t)
         eta = PHASE1_ETA if it <= PHASE1_ETA_ITERATIONS else 0.0
         step, lvar, cg_it, cg_res = gauss_newton_step(scene, stacks, grid, pa, jnp.asarray(phase1_tol),
-                                                      jnp.asarray(eta))
+                                                      jnp.asarray(eta), mixed=mixed_precision)
         cg_total += int(cg_it)
         # a truncated step stops above the residual tolerance by design; only a blow-up or the
         # iteration cap is a problem there
@@ -430,7 +436,7 @@ def fit(
         # position priors centred on the current positions and made rigid), the linear
         # parameters solved exactly in one step.
         scene0, frozen, pa_frozen = freeze_geometry(scene, stacks, pa, grid)
-        solved, cg_it, cg_res = linear_solution(scene0, frozen, grid, pa_frozen)
+        solved, cg_it, cg_res = linear_solution(scene0, frozen, grid, pa_frozen, mixed=mixed_precision)
         cg_total += cg_it
         _check_cg(cg_it, cg_res)
         # the linear parameters from the frozen problem, the shifts kept as they were
@@ -467,12 +473,12 @@ def fit(
         scene0, frozen, _ = freeze_geometry(scene, stacks, pa, grid)
         local_var = np.asarray(local_variances(scene0, frozen, grid))
     else:
-        cov, local_var, pos_cov = _uncertainties(method, scene, cov_stacks, grid, pa)
+        cov, local_var, pos_cov = _uncertainties(method, scene, cov_stacks, grid, pa, mixed_precision)
     if not np.all(np.isfinite(np.diag(cov))):
         raise FitError("the flux covariance is not finite: the problem is degenerate (check the inputs)")
     null = None
     if null_test:
-        null = reference_null_test(scene, cov_stacks, grid, pa, ds.epochs)
+        null = reference_null_test(scene, cov_stacks, grid, pa, ds.epochs, mixed=mixed_precision)
     chi2 = [np.asarray(c) for c in chi2]  # of the final scene, from its last objective evaluation
     elapsed = time.perf_counter() - t0
     log.info("fit %s in %d iterations (%d Anderson-accelerated; %.1f s, %d CG iterations)", status, n_iter,

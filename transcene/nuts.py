@@ -210,7 +210,8 @@ def _responses(scene: Scene, stacks, grid: ModelGrid):
 @eqx.filter_jit
 def _reduced_columns(scene: Scene, stacks, grid: ModelGrid, pa: PriorArrays, rows: Array) -> Array:
     """``S`` applied to each row of ``rows`` (S: the reduced global normal matrix at ``scene``)."""
-    return jax.vmap(_build(scene, stacks, grid, pa)["apply_s"])(rows)
+    # float64 throughout: these columns are factorised densely (eigendecomposition)
+    return jax.vmap(_build(scene, stacks, grid, pa, mixed=False)["apply_s"])(rows)
 
 
 def _inverse_sqrt(mat: np.ndarray) -> np.ndarray:

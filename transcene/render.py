@@ -152,7 +152,7 @@ def point_sources(
     sampled at the pixel centres."""
     k, nf = ep.psf_hat.shape[0], ep.psf_hat.shape[2]
     pos = ep.p0[None, :] + (offsets + shift[None, :]) @ ep.amat.T  # (s, 2) pixel (x, y)
-    fy, fx = psf_frequencies(nf, k)
+    fy, fx = (f.astype(pos.dtype) for f in psf_frequencies(nf, k))  # float32 in a single-precision linearisation
     ph_y = jnp.exp(-2j * jnp.pi * fy[None] * pos[:, 1, None, None])  # [s, b, qy]
     ph_x = jnp.exp(-2j * jnp.pi * fx[None] * pos[:, 0, None, None])  # [s, a, qx]
     # broadcast products and sums, not einsum: XLA on CPUs lowers this small complex contraction

@@ -60,13 +60,14 @@ def detection_test(flux: np.ndarray, cov: np.ndarray, bands: np.ndarray, measure
     return out
 
 
-def reference_null_test(scene, stacks, grid, pa, epochs) -> dict:
+def reference_null_test(scene, stacks, grid, pa, epochs, *, mixed: bool = True) -> dict:
     """Refit the reference epochs' fluxes (all but one anchor per band) with the geometry fixed,
     and test them against zero per band.
 
     ``epochs``: the dataset's epoch table (columns band, stack, slot, is_reference,
     exposure_id). Returns ``{band: {chi2, dof, p_value, sigma, n_references, anchor,
     worst_exposure, worst_z}}``; bands with fewer than two references have ``dof = 0``.
+    ``mixed``: the solves in mixed precision (``fit``'s ``mixed_precision``).
     """
     offs = np.cumsum([0] + [st.n_epochs for st in stacks])
     ref = np.asarray(epochs["is_reference"], bool)
@@ -90,8 +91,8 @@ def reference_null_test(scene, stacks, grid, pa, epochs) -> dict:
             eqx.tree_at(lambda s: s.free_flux, st, jnp.clip(st.free_flux + jnp.asarray(free_add[offs[i]:offs[i + 1]]), 0, 1))
             for i, st in enumerate(frozen)
         )
-        solved, _, _ = linear_solution(scene0, freed, grid, pa_frozen)
-        cov = np.asarray(flux_covariance(solved, freed, grid, pa_frozen)[0])
+        solved, _, _ = linear_solution(scene0, freed, grid, pa_frozen, mixed=mixed)
+        cov = np.asarray(flux_covariance(solved, freed, grid, pa_frozen, mixed=mixed)[0])
         flux = np.concatenate([np.asarray(loc[:, 0]) for loc in solved.local])
     out: dict[str, dict] = {}
     for b, (anchor, rows) in tested.items():

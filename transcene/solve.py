@@ -212,10 +212,11 @@ def keep_linear(step: Scene) -> Scene:
     return Scene(glob=glob, local=local)
 
 
-def linear_solution(scene: Scene, stacks, grid: ModelGrid, pa: PriorArrays) -> tuple[Scene, int, float]:
+def linear_solution(scene: Scene, stacks, grid: ModelGrid, pa: PriorArrays, *, mixed: bool = True
+                    ) -> tuple[Scene, int, float]:
     """With the geometry fixed (``freeze_geometry``) the problem is linear: one exact
     Gauss-Newton step (CG to ``LINEAR_TOL``) solves it. Returns (solution, CG iterations, residual)."""
-    step, _, cg_it, cg_res = gauss_newton_step(scene, stacks, grid, pa, jnp.asarray(LINEAR_TOL))
+    step, _, cg_it, cg_res = gauss_newton_step(scene, stacks, grid, pa, jnp.asarray(LINEAR_TOL), mixed=mixed)
     return jax.tree_util.tree_map(lambda a, d: a + d, scene, keep_linear(step)), int(cg_it), float(cg_res)
 
 
@@ -363,18 +364,54 @@ def local_variances(scene: Scene, stacks, grid: ModelGrid) -> jax.Array:
                             for loc, st in zip(scene.local, stacks)], axis=0)
 
 
-def _build(scene: Scene, stacks, grid, pa: PriorArrays):
-    """Residuals, local blocks and the reduced operator at ``scene``."""
+def _cast(tree, real, cplx):
+    """``tree`` with its floating arrays as ``real`` and complex ones as ``cplx`` (others kept)."""
+    def one(x):
+        if not isinstance(x, (jax.Array, np.ndarray)) or not jnp.issubdtype(x.dtype, jnp.inexact):
+            return x
+        return x.astype(cplx if jnp.iscomplexobj(x) else real)
+    return jax.tree_util.tree_map(one, tree)
+
+
+def _linearised_model(scene: Scene, stacks, grid: ModelGrid, single: bool):
+    """The rendering of all stacks linearised in the global parameters at ``scene``: ``(jvp,
+    vjp)`` with ``vjp`` returning a 1-tuple, as ``jax.linear_transpose`` does. Both take and
+    return float64; with ``single`` they compute in float32 (complex64).
+
+    Why single precision is safe here: the linearised rendering only ever enters the reduced
+    operator ``S`` inside conjugate gradients and the right-hand side ``J^T W r``, whose float32
+    errors (~1e-7 of each term; phases good to ~1e-5 px) are far below the tolerances the solves
+    stop at (1e-2 .. 1e-4). Renders, residuals, the objective, the local blocks and the prior
+    stay float64. Measured (``scripts/benchmark.py``'s 100 epochs of 64x64): the same
+    Gauss-Newton path (iterations and CG counts), fluxes within 2.4e-5 sigma and flux errors
+    within 5e-7 (relative) of the float64 fit; operator applications ~1.7x faster (the dense
+    complex matrix products of ``render.sample_affine_lines``), the warm fit 74 -> 48 s.
+    """
+    local, glob = scene.local, scene.glob
+    if single:
+        local, stacks, grid, glob = _cast((local, stacks, grid, glob), jnp.float32, jnp.complex64)
+
+    def model_all(g):
+        return tuple(render_stack(g, loc, st, grid) for loc, st in zip(local, stacks))
+
+    _, jvp = jax.linearize(model_all, glob)
+    vjp = jax.linear_transpose(jvp, glob)
+    if not single:
+        return jvp, vjp
+    low = lambda t: _cast(t, jnp.float32, jnp.complex64)  # noqa: E731
+    high = lambda t: _cast(t, jnp.float64, jnp.complex128)  # noqa: E731
+    return (lambda v: high(jvp(low(v)))), (lambda ys: high(vjp(low(ys))))
+
+
+def _build(scene: Scene, stacks, grid, pa: PriorArrays, mixed: bool = True):
+    """Residuals, local blocks and the reduced operator at ``scene``; ``mixed``: the linearised
+    rendering in single precision (``_linearised_model``) where the reduced system is solved by
+    CG (a dense Cholesky factorisation, which would see the rounding, always gets float64)."""
     glob = scene.glob
     flat0, unravel = ravel_pytree(glob)
     n_g = flat0.shape[0]
     parts = [_local_blocks(loc, st, glob, grid) for loc, st in zip(scene.local, stacks)]
-
-    def model_all(g):
-        return tuple(render_stack(g, loc, st, grid) for loc, st in zip(scene.local, stacks))
-
-    _, jvp_fn = jax.linearize(model_all, glob)
-    vjp_fn = jax.linear_transpose(jvp_fn, glob)
+    jvp_fn, vjp_fn = _linearised_model(scene, stacks, grid, mixed and n_g > _DENSE_MAX)
 
     def project(ys):
         out = []
@@ -519,15 +556,16 @@ def _transient_rows(sysd, stacks, glob: SceneGlobal) -> jax.Array | None:
 
 @eqx.filter_jit
 def gauss_newton_step(scene: Scene, stacks, grid: ModelGrid, pa: PriorArrays, tol: jax.Array | float = LINEAR_TOL,
-                      eta: jax.Array | float = 0.0):
+                      eta: jax.Array | float = 0.0, *, mixed: bool = True):
     """One Gauss-Newton step for all parameters; ``tol``: CG relative residual, ``eta``: CG
     truncation on the quadratic model's decrease (0: off; see ``_pcg``). Pass arrays to reuse
-    the compiled step for other values.
+    the compiled step for other values. ``mixed``: the linearised rendering in single precision
+    (``_linearised_model``).
 
     Returns (step as a Scene, conditional variances ``[e, 6]`` of the local parameters per stack,
     cg iterations, cg residual).
     """
-    sysd = _build(scene, stacks, grid, pa)
+    sysd = _build(scene, stacks, grid, pa, mixed)
     solve, _, _ = _make_solver(sysd, scene.glob, grid, pa, deflate=_transient_rows(sysd, stacks, scene.glob))
     dg, iters, res = solve(sysd["rhs"], tol, eta)
     dglob = sysd["unravel"](dg)
@@ -542,11 +580,11 @@ def gauss_newton_step(scene: Scene, stacks, grid: ModelGrid, pa: PriorArrays, to
 
 @eqx.filter_jit
 def _covariance_solves(scene: Scene, stacks, grid: ModelGrid, pa: PriorArrays, probes_t: jax.Array,
-                       e_pos: jax.Array | None, tol: float, deflate: bool = True):
+                       e_pos: jax.Array | None, tol: float, deflate: bool = True, mixed: bool = True):
     """The ``z_e`` (how each epoch's flux couples to the global parameters), the local
     variances, and ``S^-1`` applied to ``probes_t @ Z`` and to the rows of ``e_pos`` (none when
     ``e_pos`` is None), all from one linearisation (S: the reduced global normal matrix)."""
-    sysd = _build(scene, stacks, grid, pa)
+    sysd = _build(scene, stacks, grid, pa, mixed)
     glob = scene.glob
     zs = []
     local_var = []
@@ -581,7 +619,7 @@ def _free_epochs(stacks) -> np.ndarray:
 
 
 def _probe_solves(scene: Scene, stacks, grid: ModelGrid, pa: PriorArrays, probes: int, tol: float, seed: int,
-                  deflate: bool, position: bool):
+                  deflate: bool, position: bool, mixed: bool):
     """The probe matrix Omega ``[E, k]`` of ``flux_covariance`` and its solves: returns
     ``(omega, z [E, n_g], local_var [E, 6], xs [k, n_g], xs_pos [2, n_g] or None, cg_iterations)``
     as numpy arrays (``xs``: ``S^-1`` applied to the ``Omega^T Z`` rows; ``xs_pos`` to the
@@ -616,13 +654,13 @@ def _probe_solves(scene: Scene, stacks, grid: ModelGrid, pa: PriorArrays, probes
         e_pos = np.zeros((2, n_g))
         e_pos[0, pos_idx] = e_pos[1, pos_idx + 1] = 1.0
         e_pos = jnp.asarray(e_pos)
-    z, local_var, xs, its = _covariance_solves(scene, stacks, grid, pa, jnp.asarray(omega_t), e_pos, tol, deflate)
+    z, local_var, xs, its = _covariance_solves(scene, stacks, grid, pa, jnp.asarray(omega_t), e_pos, tol, deflate, mixed)
     xs = np.asarray(xs)
     return omega, np.asarray(z), np.asarray(local_var), xs[:k], (xs[k_pad:] if position else None), its
 
 
 def flux_covariance(scene: Scene, stacks, grid: ModelGrid, pa: PriorArrays, *, probes: int | None = None,
-                    tol: float = COV_TOL, seed: int = 0, deflate: bool = True):
+                    tol: float = COV_TOL, seed: int = 0, deflate: bool = True, mixed: bool = True):
     """Covariance of the epoch fluxes over all epochs (stacks concatenated), marginalised.
 
     ``Cov = diag(N_e^-1) + M`` with ``M = Z S^-1 Z^T`` (Z: the rows ``z_e``). M is exact when at
@@ -647,14 +685,16 @@ def flux_covariance(scene: Scene, stacks, grid: ModelGrid, pa: PriorArrays, *, p
     all to a residual of 1e-3 (``COV_TOL``): the covariance was half of a 100-epoch fit's time.
     The Nystrom term is never larger than the exact one (Loewner order), so an error it makes is
     a slight underestimate (tests/test_geometry_render.py checks the approximation against the
-    exact covariance).
+    exact covariance). ``mixed``: the solves' linearised rendering in single precision
+    (``_linearised_model``).
 
     Returns ``(cov [E, E], local_var [E, 6], position_cov [2, 2], cg_iterations)`` where E is the
     total number of (padded) epoch slots in stack order.
     """
     if probes is None:
         probes = COV_EXACT_MAX if _free_epochs(stacks).size <= COV_EXACT_MAX else COV_PROBES
-    omega, z, local_var, xs, xs_pos, its = _probe_solves(scene, stacks, grid, pa, probes, tol, seed, deflate, True)
+    omega, z, local_var, xs, xs_pos, its = _probe_solves(scene, stacks, grid, pa, probes, tol, seed, deflate, True,
+                                                         mixed)
     pos_idx = _position_index(scene.glob)
     y = z @ xs.T  # [E, k] = M Omega
     core = omega.T @ y
@@ -672,12 +712,13 @@ def flux_covariance(scene: Scene, stacks, grid: ModelGrid, pa: PriorArrays, *, p
 
 
 @eqx.filter_jit
-def _prior_share(scene: Scene, stacks, grid: ModelGrid, pa: PriorArrays, x_glob: jax.Array) -> jax.Array:
+def _prior_share(scene: Scene, stacks, grid: ModelGrid, pa: PriorArrays, x_glob: jax.Array, mixed: bool = True
+                 ) -> jax.Array:
     """``x_e^T P x_e`` for ``x_e = H^-1 u_e`` and every epoch e (stack order), given the global
     parts ``x_glob [E, n_g]`` (``-S^-1 z_e``). The global priors are quadratic, so their share is
     a symmetric second difference of the prior energy; the local parts follow by
     back-substitution, ``l_e' = N_e'^-1 (delta_ee' u - B_e'^T x_glob)``, as in a Gauss-Newton step."""
-    sysd = _build(scene, stacks, grid, pa)
+    sysd = _build(scene, stacks, grid, pa, mixed)
     theta, unravel = ravel_pytree(scene.glob)
     precs = [_local_prec(st) for st in stacks]
     flux_unit = jnp.eye(6)[0]
@@ -703,7 +744,7 @@ def _prior_share(scene: Scene, stacks, grid: ModelGrid, pa: PriorArrays, x_glob:
 
 
 def flux_estimator_variance(scene: Scene, stacks, grid: ModelGrid, pa: PriorArrays, *, tol: float = LINEAR_TOL,
-                            seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+                            seed: int = 0, mixed: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Posterior and sampling variances of every epoch flux of the problem linearised at ``scene``.
 
     The Gauss-Newton estimate of a linear(ised) Gaussian problem, ``x = H^-1 (J^T W d + ...)``
@@ -712,15 +753,16 @@ def flux_estimator_variance(scene: Scene, stacks, grid: ModelGrid, pa: PriorArra
     prior's share ``x_e^T P x_e`` with ``x_e = H^-1 u_e`` (u_e: epoch e's flux). Its global part
     is ``-S^-1 z_e``, its local parts follow by back-substitution; every prior counts (host,
     position, shifts, zero points, PSF widths; pinned ones contribute ~1/pin). Exact (one probe
-    per free epoch).
+    per free epoch). ``mixed``: as in ``flux_covariance``.
 
     Returns ``(posterior_var [E], sampling_var [E])`` in nJy^2, stack order (0 where not free).
     """
     n_free = _free_epochs(stacks).size
-    omega, z, local_var, xs, _, _ = _probe_solves(scene, stacks, grid, pa, max(n_free, 1), tol, seed, True, False)
+    omega, z, local_var, xs, _, _ = _probe_solves(scene, stacks, grid, pa, max(n_free, 1), tol, seed, True, False,
+                                                mixed)
     g = omega @ xs  # [E, n_g]: S^-1 z_e for the free epochs (Omega orthonormal on them)
     post = local_var[:, 0] + np.einsum("ej,ej->e", z, g)
-    share = np.asarray(_prior_share(scene, stacks, grid, pa, -jnp.asarray(g)))
+    share = np.asarray(_prior_share(scene, stacks, grid, pa, -jnp.asarray(g), mixed))
     free = omega.any(axis=1)
     return np.where(free, post, 0.0), np.where(free, post - share, 0.0)
 
