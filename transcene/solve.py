@@ -239,7 +239,10 @@ LINEAR_TOL = 1e-4
 #: a Nystrom approximation from this many probes, block CG to this relative residual
 COV_EXACT_MAX = 16
 COV_PROBES = 8
-COV_TOL = 1e-3
+COV_TOL = 1e-2
+#: ...and the position rows to this one (or ``tol`` where smaller): the position's variance is
+#: more sensitive to it (tolerance 3e-3 moved its sd by 2.9e-3)
+COV_POSITION_TOL = 1e-3
 CG_MAXITER = 1000
 
 
@@ -609,7 +612,7 @@ def _covariance_solves(scene: Scene, stacks, grid: ModelGrid, pa: PriorArrays, p
     xs, its, _ = block(b_rows, tol)
     if e_pos is None:
         return z, jnp.concatenate(local_var, axis=0), xs, its
-    xs_pos, its_pos, _ = block(e_pos, tol)
+    xs_pos, its_pos, _ = block(e_pos, min(tol, COV_POSITION_TOL))
     return z, jnp.concatenate(local_var, axis=0), jnp.concatenate([xs, xs_pos], axis=0), its + its_pos
 
 
@@ -680,9 +683,14 @@ def flux_covariance(scene: Scene, stacks, grid: ModelGrid, pa: PriorArrays, *, p
     Nystrom error: at 90 epochs, 1e-3 instead of 1e-4 leaves the flux errors' largest and median
     errors as they were (1.8e-3 and 2.8e-5 with 16 probes) and moves the position's by 1.8e-4,
     in 44 block iterations of 8 probes instead of 54 (16 probes at 1e-4: 47 iterations, twice
-    the operator applications of 8 at 1e-3). Hence the defaults (``probes=None``): exact up to
-    ``COV_EXACT_MAX`` (16) free epochs, where it is cheap, and 8 probes (``COV_PROBES``) beyond,
-    all to a residual of 1e-3 (``COV_TOL``): the covariance was half of a 100-epoch fit's time.
+    the operator applications of 8 at 1e-3). With the position rows held at 1e-3, the probes'
+    tolerance (against 1e-5, same 8 probes, mixed precision) moves the largest flux error by
+    1.4e-6 at 1e-3, 1.4e-4 at 1e-2, 3.5e-4 at 3e-2 (correlations by 2e-6, 1.5e-4, 5e-4), in 45,
+    39 and 34 block iterations of probes and position rows together. Hence the defaults
+    (``probes=None``): exact up to ``COV_EXACT_MAX`` (16) free epochs, where it is cheap, and 8
+    probes (``COV_PROBES``) beyond, solved to a residual of 1e-2 (``COV_TOL``; its error 16x
+    below the Nystrom one), the position rows to 1e-3 (``COV_POSITION_TOL``): the covariance was
+    half of a 100-epoch fit's time.
     The Nystrom term is never larger than the exact one (Loewner order), so an error it makes is
     a slight underestimate (tests/test_geometry_render.py checks the approximation against the
     exact covariance). ``mixed``: the solves' linearised rendering in single precision
