@@ -93,7 +93,8 @@ def test_linear_oracle_is_the_dense_linearised_estimate_of_the_noise(problem):
     dense_sd = np.sqrt(np.diag(p["h_inv"] @ p["fisher"] @ p["h_inv"]))[p["flux_idx"]]
     dense_crb = np.sqrt(np.diag(p["h_inv"]))[p["flux_idx"]]
     free = p["free"][slots]
-    np.testing.assert_allclose(z[rows][free], dense[slots][free], rtol=1e-3, atol=1e-3 * dense_sd[slots][free].max())
+    # ORACLE_TOL (1e-6, float64): 6e-5 here; the fits' 1e-4 left 1.9e-4
+    np.testing.assert_allclose(z[rows][free], dense[slots][free], rtol=1e-4, atol=1e-4 * dense_sd[slots][free].max())
     # CG to 1e-4 relative residual: the quadratic forms to a few 1e-5
     np.testing.assert_allclose(sd[rows][free], dense_sd[slots][free], rtol=3e-5)
     np.testing.assert_allclose(crb[rows][free], dense_crb[slots][free], rtol=3e-5)
