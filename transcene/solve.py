@@ -216,7 +216,10 @@ def linear_solution(scene: Scene, stacks, grid: ModelGrid, pa: PriorArrays, *, m
                     ) -> tuple[Scene, int, float]:
     """With the geometry fixed (``freeze_geometry``) the problem is linear: one exact
     Gauss-Newton step (CG to ``LINEAR_TOL``) solves it. Returns (solution, CG iterations, residual)."""
-    step, _, cg_it, cg_res = gauss_newton_step(scene, stacks, grid, pa, jnp.asarray(LINEAR_TOL), mixed=mixed)
+    # tol and eta as arrays, as the fit's phase-1 steps pass them: the same compiled step (a
+    # Python float is a static argument, and a second compilation costs 4-10 s of a cold fit)
+    step, _, cg_it, cg_res = gauss_newton_step(scene, stacks, grid, pa, jnp.asarray(LINEAR_TOL), jnp.asarray(0.0),
+                                               mixed=mixed)
     return jax.tree_util.tree_map(lambda a, d: a + d, scene, keep_linear(step)), int(cg_it), float(cg_res)
 
 
