@@ -212,13 +212,15 @@ def keep_linear(step: Scene) -> Scene:
     return Scene(glob=glob, local=local)
 
 
-def linear_solution(scene: Scene, stacks, grid: ModelGrid, pa: PriorArrays, *, mixed: bool = True
-                    ) -> tuple[Scene, int, float]:
+def linear_solution(scene: Scene, stacks, grid: ModelGrid, pa: PriorArrays, *, mixed: bool = True,
+                    tol: float | None = None) -> tuple[Scene, int, float]:
     """With the geometry fixed (``freeze_geometry``) the problem is linear: one exact
-    Gauss-Newton step (CG to ``POLISH_TOL``) solves it. Returns (solution, CG iterations, residual)."""
+    Gauss-Newton step (CG to ``tol``, by default ``POLISH_TOL``) solves it. Returns (solution,
+    CG iterations, residual)."""
     # tol and eta as arrays, as the fit's phase-1 steps pass them: the same compiled step (a
     # Python float is a static argument, and a second compilation costs 4-10 s of a cold fit)
-    step, _, cg_it, cg_res = gauss_newton_step(scene, stacks, grid, pa, jnp.asarray(POLISH_TOL), jnp.asarray(0.0),
+    tol = POLISH_TOL if tol is None else tol
+    step, _, cg_it, cg_res = gauss_newton_step(scene, stacks, grid, pa, jnp.asarray(tol), jnp.asarray(0.0),
                                                mixed=mixed)
     return jax.tree_util.tree_map(lambda a, d: a + d, scene, keep_linear(step)), int(cg_it), float(cg_res)
 

@@ -119,7 +119,7 @@ def linear_oracle(noise: list[Epoch], clean: list[Epoch], target: SkyCoord,
     pa = prior_arrays(ds, Priors(), np.asarray(scene.glob.star_position))
     scene0, frozen, pa_frozen = freeze_geometry(scene, ds.stacks, pa, ds.grid)
     # float64 throughout (mixed=False): the oracle is a reference, its rounding must not matter
-    theta0, _, _ = linear_solution(scene0, frozen, ds.grid, pa_frozen, mixed=False)  # zero shifts: valid unfrozen too
+    theta0, _, _ = linear_solution(scene0, frozen, ds.grid, pa_frozen, mixed=False, tol=ORACLE_TOL)  # zero shifts: valid unfrozen too
 
     models = [render_stack(theta0.glob, loc, st, ds.grid) for loc, st in zip(theta0.local, ds.stacks)]
 
