@@ -334,9 +334,10 @@ def fit(
             the position and is never held under ``"auto"``.
         mixed_precision: evaluate the linearised rendering inside the conjugate-gradient solves
             (Gauss-Newton steps, covariance) in float32; everything else (renders, residuals,
-            objective, the final numbers) stays float64. Default on: ~1.5x faster fits of a
-            pixel host, with fluxes within 3e-5 sigma and errors within 1e-6 of float64
-            (``solve._linearised_model``). ``False``: float64 throughout.
+            objective, the final numbers) stays float64. Default on: ~1.4x faster fits of a
+            pixel host (100 epochs of 64x64: 47 -> 34 s), the same fluxes and errors as
+            float64 to far below their uncertainties (``solve._linearised_model``). ``False``:
+            float64 throughout.
     """
     if position not in POSITION_MODES:
         raise ValueError(f"position must be one of {', '.join(POSITION_MODES)}; got {position!r}")
