@@ -910,6 +910,7 @@ def test_mixed_precision_fit_equals_the_double_precision_fit(fit_results):
     assert ravel_pytree(res.scene.glob)[0].size > _DENSE_MAX  # the iterative (mixed) path
     double = fit(ds, mixed_precision=False)
     a, b = res.lightcurve(), double.lightcurve()
+    assert a.meta["solver_precision"].startswith("mixed") and b.meta["solver_precision"] == "float64"
     sci = ~np.asarray(b["is_reference"])
     err = np.asarray(b["flux_err"])[sci]
     assert np.max(np.abs(np.asarray(a["flux"])[sci] - np.asarray(b["flux"])[sci]) / err) < 1e-3

@@ -58,6 +58,15 @@ def test_a_faint_transient_is_measured_at_the_target(faint):
     assert auto.elapsed > free.elapsed  # the free fit came first and is counted
 
 
+def test_the_held_refit_keeps_the_callers_options(faint):
+    """The position-held refit is a second ``fit`` call: it must not fall back to defaults."""
+    ds = faint["auto"].dataset
+    res = fit(ds, mixed_precision=False, method="linear")
+    assert res.position_mode.startswith("held at the target (summed S/N")
+    assert not res.mixed_precision and res.method == "linear"
+    assert res.lightcurve().meta["solver_precision"] == "float64"
+
+
 def test_a_detected_transient_has_its_position_fitted():
     offset = (0.4, -0.3)  # arcsec: a target 0.5" off the transient
     ds = make_dataset(_epochs(20 * UNIT, offset=offset, seed=4), TARGET, fit_radius=6.0, pad_epochs=False,

@@ -501,6 +501,7 @@ def fit(
         posterior=posterior,
         likelihood="gaussian" if student_t is None else f"student-t (nu={student_t:g}); chi2 capped at 5 sigma per pixel",
         position_mode="held at the target (position='fixed')" if position == "fixed" else "fitted",
+        mixed_precision=mixed_precision,
     )
     if position != "auto" or method == "nuts":
         return result
@@ -512,7 +513,7 @@ def fit(
     start = eqx.tree_at(lambda s: s.glob.position, scene, jnp.zeros_like(scene.glob.position))
     held = fit(ds, host=host, priors=priors, stars=stars, fit_shifts=fit_shifts, max_iter=max_iter, init=start,
                progress=progress, phase1_tol=phase1_tol, method=method, null_test=null_test, student_t=student_t,
-               nuts=nuts, key=key, position="fixed")
+               nuts=nuts, key=key, position="fixed", mixed_precision=mixed_precision)
     return dataclasses.replace(
         held, elapsed=result.elapsed + held.elapsed,
         position_mode=f"held at the target (summed S/N {snr:.1f} < {POSITION_MIN_SNR:g}; position='auto')")

@@ -80,6 +80,8 @@ class FitResult:
     posterior: "PosteriorSamples | None" = None
     #: "fitted", or why the transient's position was held at the target (``fit(position=...)``)
     position_mode: str = "fitted"
+    #: whether the CG solves applied the linearised rendering in float32 (``fit(mixed_precision=...)``)
+    mixed_precision: bool = True
     # the light curve is built once (plots and writers ask for it repeatedly); callers get copies
     _cache: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
 
@@ -298,6 +300,8 @@ class FitResult:
             "time_scale": "UTC",
             "model": f"{self.host_kind} host + transient point source",
             "method": self.method,
+            "solver_precision": ("mixed: float32 linearised rendering in the CG solves, float64 otherwise"
+                                 if self.mixed_precision else "float64"),
             "uncertainty": UNCERTAINTY.get(self.method, self.method),
             "likelihood": self.likelihood,
             "status": self.status,
