@@ -19,7 +19,7 @@ transient, run time; plus the VALIDATION.md goals each cell meets.
 
 Usage:
     python scripts/validate.py OUTDIR --mode fast     # 6 cells x 1 seed, small data sets: ~6 min
-    python scripts/validate.py OUTDIR --mode full     # 32 cells x 8 seeds (~2 min per seed: ~8 h)
+    python scripts/validate.py OUTDIR --mode full     # 33 cells x 8 seeds (~35 s per seed: ~3-4 h)
     python scripts/validate.py OUTDIR --cells sb:15,nref:1 --seeds 3
     python scripts/validate.py OUTDIR --mode full --resume   # go on where a stopped run left off
     python scripts/validate.py OUTDIR --compare-nuts  # Laplace vs NUTS errors (~15 min)
