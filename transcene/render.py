@@ -131,15 +131,17 @@ def host_on_epoch(
     return sample_affine_lines(cols, swap, mat, off, ep.data.shape)
 
 
-def psf_frequencies(nf: int, k: int) -> tuple[Array, Array]:
+def psf_frequencies(nf: int, k: int, dtype=jnp.float64) -> tuple[Array, Array]:
     """Signed frequencies (cycles per native pixel) of a ``k`` times finer ``k nf`` grid, in the
     folded layout of ``psf.alias_spectrum``: ``fy [k, nf]``, ``fx [k, nf // 2 + 1]``. For ``k = 1``
-    these are ``fftfreq`` and ``rfftfreq`` (Nyquist positive, as ``irfft`` reads it)."""
+    these are ``fftfreq`` and ``rfftfreq`` (Nyquist positive, as ``irfft`` reads it). ``dtype``:
+    that of the geometry they multiply (float32 in a single-precision linearisation, which a
+    float64 constant would silently promote)."""
     f = jnp.fft.fftfreq(k * nf, d=1.0 / k).reshape(k, nf)
     fx = f[:, : nf // 2 + 1]
     if k == 1:
         fx = jnp.fft.rfftfreq(nf)[None, :]
-    return f, fx
+    return f.astype(dtype), fx.astype(dtype)
 
 
 def point_sources(
@@ -152,7 +154,7 @@ def point_sources(
     sampled at the pixel centres."""
     k, nf = ep.psf_hat.shape[0], ep.psf_hat.shape[2]
     pos = ep.p0[None, :] + (offsets + shift[None, :]) @ ep.amat.T  # (s, 2) pixel (x, y)
-    fy, fx = (f.astype(pos.dtype) for f in psf_frequencies(nf, k))  # float32 in a single-precision linearisation
+    fy, fx = psf_frequencies(nf, k, pos.dtype)
     ph_y = jnp.exp(-2j * jnp.pi * fy[None] * pos[:, 1, None, None])  # [s, b, qy]
     ph_x = jnp.exp(-2j * jnp.pi * fx[None] * pos[:, 0, None, None])  # [s, a, qx]
     # broadcast products and sums, not einsum: XLA on CPUs lowers this small complex contraction

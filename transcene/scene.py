@@ -81,7 +81,7 @@ def with_psf_width(ep: EpochStack, width: Array) -> EpochStack:
     w = jnp.asarray(width)[..., None, None]
     var = 2.0 * w * jnp.asarray(ep.psf_var)[..., None, None]  # arcsec^2
     k, nf = ep.psf_hat.shape[-4], ep.psf_hat.shape[-2]
-    fy, fx = (f.astype(a.dtype) for f in psf_frequencies(nf, k))  # float32 in a single-precision linearisation
+    fy, fx = psf_frequencies(nf, k, a.dtype)
     fy, fx = fy[:, None, :, None], fx[None, :, None, :]  # the [b, a, qy, qx] layout of psf_hat
     # pixel frequencies (cycles/px) to cycles/arcsec: k_sky = A^T k_px
     def entry(i, j):  # A[i, j] broadcast against [b, a, qy, qx]
