@@ -19,6 +19,7 @@ import time
 
 import transcene  # noqa: F401  (first: enables float64)
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -915,6 +916,55 @@ def test_mixed_precision_fit_equals_the_double_precision_fit(fit_results):
     err = np.asarray(b["flux_err"])[sci]
     assert np.max(np.abs(np.asarray(a["flux"])[sci] - np.asarray(b["flux"])[sci]) / err) < 1e-3
     np.testing.assert_allclose(np.asarray(a["flux_err"])[sci], err, rtol=1e-4)
+
+
+def test_newton_step_is_the_exact_hessian_step(fit_results):
+    """``gauss_newton_step(newton=True)`` solves the exact Newton system: its step equals
+    ``-H^-1 grad`` with H the objective's Hessian formed densely by automatic differentiation
+    (second-order residual terms included), off the optimum where the residuals are not small.
+    The Gauss-Newton step there differs from it by far more than the tolerance, so the test sees
+    the second-order terms."""
+    from jax.flatten_util import ravel_pytree
+
+    from transcene.solve import Priors, _DENSE_MAX, gauss_newton_step, objective, prior_arrays
+
+    ds, res, _ = fit_results[0]
+    pa = prior_arrays(ds, Priors(), np.zeros((0, 2)))
+    scene = res.scene
+    scene = eqx.tree_at(lambda s: s.glob.position, scene, scene.glob.position + jnp.asarray([0.08, -0.06]))
+    free_shift = [np.asarray(st.shift_prec) < 1e10 for st in ds.stacks]  # the reference epochs' are pinned
+    assert sum(int(fs.sum()) for fs in free_shift) >= 3
+    scene = eqx.tree_at(lambda s: s.local, scene, tuple(
+        loc.at[:, 2:4].add(0.04 * (fs * np.cos(np.arange(loc.shape[0])))[:, None]) for loc, fs in zip(scene.local, free_shift)))
+    flat, unravel = ravel_pytree(scene)
+    assert ravel_pytree(scene.glob)[0].size > _DENSE_MAX  # the matrix-free path
+    f = lambda x: objective(unravel(x), ds.stacks, ds.grid, pa)  # noqa: E731
+    grad = jax.grad(f)(flat)
+    hvp = lambda v: jax.jvp(jax.grad(f), (flat,), (v,))[1]  # noqa: E731
+    hess = np.asarray(jax.lax.map(hvp, jnp.eye(flat.size), batch_size=128))
+    hess = 0.5 * (hess + hess.T)
+    # the parameters that move: host pixels, position, fluxes, skies, shifts. Not the pinned
+    # ones (prior precision PINNED: they only add rounding at 1e16 scale), nor the reference
+    # epochs' fluxes, which the solver holds at zero and the objective by a unit prior only
+    flux_free = jax.tree_util.tree_map(lambda x: np.ones(np.shape(x), bool), scene)
+    flux_free = eqx.tree_at(lambda s: s.local, flux_free, tuple(
+        np.c_[np.asarray(st.free_flux) > 0, np.ones((loc.shape[0], 5), bool)] for loc, st in zip(scene.local, ds.stacks)))
+    free = (np.diag(hess) < 1e10) & np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(flux_free)])
+    exact = np.zeros(flat.size)
+    exact[free] = np.linalg.solve(hess[np.ix_(free, free)], -np.asarray(grad)[free])
+    assert np.linalg.eigvalsh(hess[np.ix_(free, free)]).min() > 0  # a minimum's neighbourhood
+
+    def step(newton):
+        out = gauss_newton_step(scene, ds.stacks, ds.grid, pa, jnp.asarray(1e-12), jnp.asarray(0.0), mixed=False,
+                                newton=newton)
+        assert np.isfinite(float(out[3]))
+        return np.asarray(ravel_pytree(out[0])[0])
+
+    newton, gn = step(True), step(False)
+    sel = free
+    scale = np.abs(exact[sel]).max()
+    np.testing.assert_allclose(newton[sel], exact[sel], rtol=0, atol=1e-6 * scale)
+    assert np.abs(gn[sel] - exact[sel]).max() > 1e-3 * scale
 
 
 @given(n=st.integers(1, 5000))

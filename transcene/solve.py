@@ -284,7 +284,11 @@ def _pcg(apply_a, b, precond, x0, tol, maxiter, eta=0.0):
     def body(s):
         x, r, z, p, rz, k, q, _ = s
         ap = apply_a(p)
-        alpha = rz / jnp.vdot(p, ap)
+        pap = jnp.vdot(p, ap)
+        # non-positive curvature (only a Newton system can have it): stop before the step, and
+        # report it as a non-finite residual
+        alpha = jnp.where(pap > 0, rz / pap, 0.0)
+        r = jnp.where(pap > 0, r, jnp.nan)
         x = x + alpha * p
         r = r - alpha * ap
         z = precond(r)
@@ -369,7 +373,7 @@ def _local_blocks(loc, st: EpochStack, glob: SceneGlobal, grid: ModelGrid):
     ridge = 1e-12 * jnp.diagonal(n_mat, axis1=1, axis2=2) + 1e-30
     n_mat = n_mat + jax.vmap(jnp.diag)(ridge)
     b = _pixel_dot(jl, w * r) - prec * loc
-    return dict(jl=jl, w=w, r=r, ninv=jnp.linalg.inv(n_mat), b=b)
+    return dict(jl=jl, w=w, r=r, n_mat=n_mat, ninv=jnp.linalg.inv(n_mat), b=b)
 
 
 @eqx.filter_jit
@@ -422,44 +426,129 @@ def _linearised_model(scene: Scene, stacks, grid: ModelGrid, single: bool):
     return (lambda v: high(jvp(low(v)))), (lambda ys: high(vjp(low(ys))))
 
 
-def _build(scene: Scene, stacks, grid, pa: PriorArrays, mixed: bool = True):
+def _residual_curvature(scene: Scene, stacks, grid: ModelGrid, parts, single: bool):
+    """The second-order terms that Gauss-Newton drops, ``R = sum_pixels W r d^2 model`` (residual
+    ``r`` held fixed), where they are not zero: per epoch its local-local block ``[e, 6, 6]`` and
+    its local-global block ``[e, 6, n_g]`` (flat), and the block ``[n_s, n_s]`` of the global
+    parameters that are not host pixels (positions, static sources). Host-host and host-position
+    terms vanish: a pixel host renders linearly and independently of the point sources.
+
+    The local-global block couples each epoch's shift to the host pixels through the noise in
+    the residual: Gauss-Newton, blind to it, converges only linearly in the shifts (ratio ~0.8
+    per iteration on noisy simulations, docs/model.md), Newton with it quadratically.
+    ``single``: computed in float32 (it only enters the CG operator and the right-hand side)."""
+    glob = scene.glob
+    flat, unravel = ravel_pytree(glob)
+    local = scene.local
+    wrs = tuple(p["w"] * p["r"] for p in parts)
+    if single:
+        flat, local, stacks, grid, wrs = _cast((flat, local, stacks, grid, wrs), jnp.float32, jnp.complex64)
+    out = []
+    for loc, st, wr in zip(local, stacks, wrs):
+        def one(args):
+            l, ep, c = args
+
+            def grads(l_):
+                def f(gflat, l2):
+                    g = unravel(gflat)
+                    return jnp.sum(c * render_epoch(host_spectrum(g, grid), g, l2, ep, grid))
+                return jax.grad(f, argnums=(0, 1))(flat, l_)
+
+            rg, rl = jax.jacfwd(grads)(l)  # [n_g, 6], [6, 6]
+            return rg.T, rl
+
+        rg, rl = batched(one, st.n_epochs)((loc, st, wr))
+        out.append((rg, rl.astype(jnp.float64)))
+    small = jnp.asarray(_small_indices(glob))
+
+    def total(gflat):
+        g = unravel(gflat)
+        return sum(jnp.sum(c * render_stack(g, l, st, grid)) for l, st, c in zip(local, stacks, wrs))
+
+    eye = jnp.zeros((small.size, flat.size), flat.dtype).at[jnp.arange(small.size), small].set(1.0)
+    r_small = jax.vmap(lambda e: jax.jvp(jax.grad(total), (flat,), (e,))[1])(eye)[:, small]
+    return out, r_small.astype(jnp.float64)
+
+
+#: smallest eigenvalue, relative to the Gauss-Newton block's diagonal, that an epoch's Newton
+#: local block may have; below it the epoch keeps its Gauss-Newton block (no second-order terms)
+NEWTON_LOCAL_MIN_EIG = 0.05
+
+
+def _build(scene: Scene, stacks, grid, pa: PriorArrays, mixed: bool = True, newton: bool = False):
     """Residuals, local blocks and the reduced operator at ``scene``; ``mixed``: the linearised
     rendering in single precision (``_linearised_model``) where the reduced system is solved by
-    CG (a dense Cholesky factorisation, which would see the rounding, always gets float64)."""
+    CG (a dense Cholesky factorisation, which would see the rounding, always gets float64).
+
+    ``newton``: the exact Hessian instead of the Gauss-Newton one, i.e. with the second-order
+    residual terms of ``_residual_curvature`` (pixel hosts only). An epoch whose local block
+    would then not be safely positive definite keeps its Gauss-Newton block and couplings. The
+    local parts keep the Gauss-Newton ``ninv`` as ``ninv_gn`` (the conditional variances)."""
     glob = scene.glob
     flat0, unravel = ravel_pytree(glob)
     n_g = flat0.shape[0]
     parts = [_local_blocks(loc, st, glob, grid) for loc, st in zip(scene.local, stacks)]
-    jvp_fn, vjp_fn = _linearised_model(scene, stacks, grid, mixed and n_g > _DENSE_MAX)
+    single = mixed and n_g > _DENSE_MAX
+    jvp_fn, vjp_fn = _linearised_model(scene, stacks, grid, single)
+    small = _small_indices(glob)
+    r_small = None
+    for p in parts:
+        p["ninv_gn"] = p["ninv"]
+    if newton:
+        if not isinstance(glob.host, PixelHost):
+            raise ValueError("newton=True needs a pixel host")
+        curv, r_small = _residual_curvature(scene, stacks, grid, parts, single)
+        for p, (rg, rl) in zip(parts, curv):
+            n_mat = p["n_mat"] - 0.5 * (rl + jnp.swapaxes(rl, 1, 2))
+            d = jnp.sqrt(jnp.diagonal(p["n_mat"], axis1=1, axis2=2))
+            lam = jnp.linalg.eigvalsh(n_mat / (d[:, :, None] * d[:, None, :]))
+            ok = jnp.min(lam, axis=1) > NEWTON_LOCAL_MIN_EIG
+            p["ninv"] = jnp.where(ok[:, None, None], jnp.linalg.inv(jnp.where(ok[:, None, None], n_mat, p["n_mat"])),
+                                  p["ninv"])
+            p["rc"] = rg * ok.astype(rg.dtype)[:, None, None]
 
-    def project(ys):
-        out = []
-        for y, p in zip(ys, parts):
-            wy = p["w"] * y
-            c = _pixel_dot(p["jl"], wy)
-            corr = jnp.einsum("eyxa,ea->eyx", p["jl"], jnp.einsum("eab,eb->ea", p["ninv"], c))
-            out.append(wy - p["w"] * corr)
-        return tuple(out)
+    def coupling(p, vflat):  # R_e v: [e, 6]
+        return jnp.einsum("eag,g->ea", p["rc"], vflat.astype(p["rc"].dtype)).astype(vflat.dtype)
+
+    def coupling_t(p, t):  # sum_e R_e^T t_e: [n_g]
+        return jnp.einsum("eag,ea->g", p["rc"], t.astype(p["rc"].dtype)).astype(t.dtype)
 
     prior_grad = jax.grad(lambda g: global_prior(g, pa, grid))
 
     def apply_s(vflat):
         v = unravel(vflat)
-        g = vjp_fn(project(jvp_fn(v)))[0]
+        pix = []
+        extra = jnp.zeros_like(vflat)
+        for y, p in zip(jvp_fn(v), parts):
+            wy = p["w"] * y
+            c = _pixel_dot(p["jl"], wy)
+            if newton:
+                c = c - coupling(p, vflat)
+            t = jnp.einsum("eab,eb->ea", p["ninv"], c)
+            pix.append(wy - p["w"] * jnp.einsum("eyxa,ea->eyx", p["jl"], t))
+            if newton:
+                extra = extra + coupling_t(p, t)
+        g = vjp_fn(tuple(pix))[0]
         hv = jax.jvp(prior_grad, (glob,), (v,))[1]
-        return ravel_pytree(g)[0] + 0.5 * ravel_pytree(hv)[0]
+        out = ravel_pytree(g)[0] + 0.5 * ravel_pytree(hv)[0] + extra
+        if newton:
+            out = out.at[small].add(-(r_small @ vflat[small]))
+        return out
 
     # right-hand side
     ys = []
+    extra = jnp.zeros_like(flat0)
     for p in parts:
-        corr = jnp.einsum("eyxa,ea->eyx", p["jl"], jnp.einsum("eab,eb->ea", p["ninv"], p["b"]))
-        ys.append(p["w"] * p["r"] - p["w"] * corr)
+        t = jnp.einsum("eab,eb->ea", p["ninv"], p["b"])
+        ys.append(p["w"] * p["r"] - p["w"] * jnp.einsum("eyxa,ea->eyx", p["jl"], t))
+        if newton:
+            extra = extra + coupling_t(p, t)
     grad_prior = jax.grad(lambda g: global_prior(g, pa, grid))(glob)
-    rhs = ravel_pytree(vjp_fn(tuple(ys))[0])[0] - 0.5 * ravel_pytree(grad_prior)[0]
+    rhs = ravel_pytree(vjp_fn(tuple(ys))[0])[0] - 0.5 * ravel_pytree(grad_prior)[0] + extra
 
     return dict(
         parts=parts, apply_s=apply_s, rhs=rhs, unravel=unravel, n_g=n_g,
-        jvp_fn=jvp_fn, vjp_fn=vjp_fn,
+        jvp_fn=jvp_fn, vjp_fn=vjp_fn, newton=newton,
     )
 
 
@@ -566,25 +655,31 @@ def _transient_rows(sysd, stacks, glob: SceneGlobal) -> jax.Array | None:
     rows = []
     for b in range(n_bands):
         cots = []
+        extra = 0.0
         for st, p in zip(stacks, sysd["parts"]):
             sel = st.free_flux * st.valid * (st.band == b)
             cots.append(sel[:, None, None] * _flux_cotangent(p))
-        rows.append(ravel_pytree(sysd["vjp_fn"](tuple(cots))[0])[0])
+            if sysd["newton"]:  # z_e's second-order part (see _build)
+                t = (sel[:, None] * p["ninv"][:, :, 0]).astype(p["rc"].dtype)
+                extra = extra - jnp.einsum("eag,ea->g", p["rc"], t).astype(jnp.float64)
+        rows.append(ravel_pytree(sysd["vjp_fn"](tuple(cots))[0])[0] + extra)
     return jnp.stack(rows)
 
 
 @eqx.filter_jit
 def gauss_newton_step(scene: Scene, stacks, grid: ModelGrid, pa: PriorArrays, tol: jax.Array | float = LINEAR_TOL,
-                      eta: jax.Array | float = 0.0, *, mixed: bool = True):
+                      eta: jax.Array | float = 0.0, *, mixed: bool = True, newton: bool = False):
     """One Gauss-Newton step for all parameters; ``tol``: CG relative residual, ``eta``: CG
     truncation on the quadratic model's decrease (0: off; see ``_pcg``). Pass arrays to reuse
     the compiled step for other values. ``mixed``: the linearised rendering in single precision
-    (``_linearised_model``).
+    (``_linearised_model``). ``newton``: a Newton step instead, with the exact Hessian
+    (``_residual_curvature``; pixel hosts only); a reduced system that is not positive definite
+    there stops CG at the negative curvature and returns an infinite residual.
 
-    Returns (step as a Scene, conditional variances ``[e, 6]`` of the local parameters per stack,
-    cg iterations, cg residual).
+    Returns (step as a Scene, Gauss-Newton conditional variances ``[e, 6]`` of the local
+    parameters per stack, cg iterations, cg residual).
     """
-    sysd = _build(scene, stacks, grid, pa, mixed)
+    sysd = _build(scene, stacks, grid, pa, mixed, newton)
     solve, _, _ = _make_solver(sysd, scene.glob, grid, pa, deflate=_transient_rows(sysd, stacks, scene.glob))
     dg, iters, res = solve(sysd["rhs"], tol, eta)
     dglob = sysd["unravel"](dg)
@@ -592,8 +687,10 @@ def gauss_newton_step(scene: Scene, stacks, grid: ModelGrid, pa: PriorArrays, to
     dlocal = []
     for ui, p in zip(u, sysd["parts"]):
         c = _pixel_dot(p["jl"], p["w"] * ui)
+        if newton:
+            c = c - jnp.einsum("eag,g->ea", p["rc"], dg.astype(p["rc"].dtype)).astype(c.dtype)
         dlocal.append(jnp.einsum("eab,eb->ea", p["ninv"], p["b"] - c))
-    fvar = tuple(jax.vmap(jnp.diag)(p["ninv"]) for p in sysd["parts"])
+    fvar = tuple(jax.vmap(jnp.diag)(p["ninv_gn"]) for p in sysd["parts"])
     return Scene(glob=dglob, local=tuple(dlocal)), fvar, iters, res
 
 
