@@ -918,24 +918,30 @@ def test_mixed_precision_fit_equals_the_double_precision_fit(fit_results):
     np.testing.assert_allclose(np.asarray(a["flux_err"])[sci], err, rtol=1e-4)
 
 
-def test_newton_step_is_the_exact_hessian_step(fit_results):
+@pytest.mark.parametrize("nuisances", [False, True])
+def test_newton_step_is_the_exact_hessian_step(fit_results, nuisances):
     """``gauss_newton_step(newton=True)`` solves the exact Newton system: its step equals
     ``-H^-1 grad`` with H the objective's Hessian formed densely by automatic differentiation
-    (second-order residual terms included), off the optimum where the residuals are not small.
-    The Gauss-Newton step there differs from it by far more than the tolerance, so the test sees
-    the second-order terms."""
+    (second-order residual terms included), off the optimum where the residuals are not small;
+    with the zero-point and PSF-width nuisances free too. The Gauss-Newton step there differs
+    from it by far more than the tolerance, so the test sees the second-order terms."""
     from jax.flatten_util import ravel_pytree
 
     from transcene.solve import Priors, _DENSE_MAX, gauss_newton_step, objective, prior_arrays
 
     ds, res, _ = fit_results[0]
+    if nuisances:
+        ds = make_dataset(_fit_epochs(11), TARGET, fit_radius=FIT_RADIUS, pad_epochs=False, zp_jitter=0.02,
+                          psf_width_jitter=0.03)
     pa = prior_arrays(ds, Priors(), np.zeros((0, 2)))
     scene = res.scene
     scene = eqx.tree_at(lambda s: s.glob.position, scene, scene.glob.position + jnp.asarray([0.08, -0.06]))
     free_shift = [np.asarray(st.shift_prec) < 1e10 for st in ds.stacks]  # the reference epochs' are pinned
     assert sum(int(fs.sum()) for fs in free_shift) >= 3
+    wobble = lambda amp, k, fs: (amp * fs * np.cos(np.arange(fs.size) + k))[:, None]  # noqa: E731
     scene = eqx.tree_at(lambda s: s.local, scene, tuple(
-        loc.at[:, 2:4].add(0.04 * (fs * np.cos(np.arange(loc.shape[0])))[:, None]) for loc, fs in zip(scene.local, free_shift)))
+        loc.at[:, 2:4].add(wobble(0.04, 0, fs)).at[:, 4:6].add(wobble(0.01, 1, fs) if nuisances else 0.0)
+        for loc, fs in zip(scene.local, free_shift)))
     flat, unravel = ravel_pytree(scene)
     assert ravel_pytree(scene.glob)[0].size > _DENSE_MAX  # the matrix-free path
     f = lambda x: objective(unravel(x), ds.stacks, ds.grid, pa)  # noqa: E731

@@ -28,8 +28,8 @@ from jax.flatten_util import ravel_pytree
 from .dataset import PINNED, Dataset, EpochStack, ModelGrid
 from .host import PixelHost, SersicHost, host_prior_spectrum
 from .render import batched
-from .scene import LOCAL_NONLINEAR, LOCAL_PSF, LOCAL_SHIFT, LOCAL_ZP, Scene, SceneGlobal, host_spectrum, local_jacobian, \
-    render_epoch, render_stack, with_psf_width
+from .scene import LOCAL_FLUX, LOCAL_NONLINEAR, LOCAL_PSF, LOCAL_SHIFT, LOCAL_ZP, Scene, SceneGlobal, _sources, \
+    host_spectrum, local_jacobian, render_epoch, render_stack, with_psf_width
 
 __all__ = ["Priors", "objective", "gauss_newton_step", "flux_covariance", "local_variances", "PriorArrays",
            "prior_arrays", "posterior_energy", "freeze_geometry", "keep_linear", "linear_solution",
@@ -435,38 +435,65 @@ def _residual_curvature(scene: Scene, stacks, grid: ModelGrid, parts, single: bo
 
     The local-global block couples each epoch's shift to the host pixels through the noise in
     the residual: Gauss-Newton, blind to it, converges only linearly in the shifts (ratio ~0.8
-    per iteration on noisy simulations, docs/model.md), Newton with it quadratically.
-    ``single``: computed in float32 (it only enters the CG operator and the right-hand side)."""
+    per iteration on noisy simulations), Newton with it quadratically.
+    ``single``: computed in float32 (it only enters the CG operator and the right-hand side).
+
+    Cost: the model is ``cal (host + point sources) + sky`` with ``cal = scale (1 + zp)``, so
+    only the two shift directions need forward-over-reverse passes through the host rendering;
+    the flux and PSF-width directions go through the point sources only (their other tangents
+    are symbolic zeros), the zero-point ones are the gradient itself and the sky's vanish."""
     glob = scene.glob
     flat, unravel = ravel_pytree(glob)
     local = scene.local
     wrs = tuple(p["w"] * p["r"] for p in parts)
     if single:
-        flat, local, stacks, grid, wrs = _cast((flat, local, stacks, grid, wrs), jnp.float32, jnp.complex64)
+        flat, glob, local, stacks, grid, wrs = _cast((flat, glob, local, stacks, grid, wrs), jnp.float32,
+                                                     jnp.complex64)
     out = []
     for loc, st, wr in zip(local, stacks, wrs):
         def one(args):
             l, ep, c = args
 
-            def grads(l_):
-                def f(gflat, l2):
+            def grads(fl, sh, w):  # gradient of c . sources over (flat glob, flux, shift, width)
+                def f(gflat, fl2, sh2, w2):
                     g = unravel(gflat)
-                    return jnp.sum(c * render_epoch(host_spectrum(g, grid), g, l2, ep, grid))
-                return jax.grad(f, argnums=(0, 1))(flat, l_)
+                    return jnp.sum(c * _sources(host_spectrum(g, grid), g, fl2, sh2, w2, ep, grid))
+                return jax.grad(f, argnums=(0, 1, 2, 3))(flat, fl, sh, w)
 
-            rg, rl = jax.jacfwd(grads)(l)  # [n_g, 6], [6, 6]
-            return rg.T, rl
+            fl, sh, w = l[LOCAL_FLUX], l[LOCAL_SHIFT], l[LOCAL_PSF]
+            prim, d_fl = jax.jvp(lambda x: grads(x, sh, w), (fl,), (jnp.ones_like(fl),))
+            d_sh = jax.vmap(lambda t: jax.jvp(lambda x: grads(fl, x, w), (sh,), (t,))[1])(jnp.eye(2, dtype=sh.dtype))
+            if ep.fit_psf_width:
+                d_w = jax.jvp(lambda x: grads(fl, sh, x), (w,), (jnp.ones_like(w),))[1]
+            else:  # pinned: its terms do not matter
+                d_w = jax.tree_util.tree_map(jnp.zeros_like, prim)
+
+            def row6(t):  # [..., 6] in the local order from (glob, flux, shift, width) derivatives
+                z = jnp.zeros_like(t[1])
+                return jnp.stack([t[1], z, t[2][..., 0], t[2][..., 1], z, t[3]], axis=-1)
+
+            cal = ep.scale * (1.0 + l[LOCAL_ZP])
+            zero_g = jnp.zeros_like(prim[0])
+            rg = jnp.stack([cal * d_fl[0], zero_g, cal * d_sh[0][0], cal * d_sh[0][1], ep.scale * prim[0],
+                            cal * d_w[0]])  # [6, n_g]
+            rl = jnp.stack([cal * row6(d_fl), jnp.zeros(6, prim[0].dtype), cal * row6(d_sh)[0], cal * row6(d_sh)[1],
+                            ep.scale * row6(prim), cal * row6(d_w)])
+            rl = rl.at[:, LOCAL_ZP].set(ep.scale * row6(prim))  # d2/dzp da = scale dG/da (symmetric)
+            return rg, rl
 
         rg, rl = batched(one, st.n_epochs)((loc, st, wr))
         out.append((rg, rl.astype(jnp.float64)))
-    small = jnp.asarray(_small_indices(glob))
+    # the small global block, differentiating through the point sources only (the host held fixed)
+    small_leaves = (glob.position, glob.star_position, glob.star_flux)
+    xs0, unravel_s = ravel_pytree(small_leaves)
+    if xs0.size != _small_indices(scene.glob).size:
+        raise AssertionError("unexpected parameter layout")
 
-    def total(gflat):
-        g = unravel(gflat)
+    def total(xs):
+        g = eqx.tree_at(lambda g: (g.position, g.star_position, g.star_flux), glob, unravel_s(xs))
         return sum(jnp.sum(c * render_stack(g, l, st, grid)) for l, st, c in zip(local, stacks, wrs))
 
-    eye = jnp.zeros((small.size, flat.size), flat.dtype).at[jnp.arange(small.size), small].set(1.0)
-    r_small = jax.vmap(lambda e: jax.jvp(jax.grad(total), (flat,), (e,))[1])(eye)[:, small]
+    r_small = jax.hessian(total)(xs0)
     return out, r_small.astype(jnp.float64)
 
 
