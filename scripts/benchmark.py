@@ -15,7 +15,7 @@ of them transient-free references, 2 bands, seeing 1.5-3", rotated epochs) and r
 * peak_rss_mb: the process's peak resident memory (each N runs in its own process).
 
 Usage: python scripts/benchmark.py [--epochs 10 100 1000] [--size 64] [--max-fit-epochs 200]
-       [--out bench.ecsv] [--no-mixed-precision]
+       [--out bench.ecsv] [--no-mixed-precision] [--no-newton]
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def _timed(fn, reps: int = 1):
     return out, (time.perf_counter() - t0) / reps
 
 
-def run(n: int, size: int, do_fit: bool, mixed: bool = True) -> dict:
+def run(n: int, size: int, do_fit: bool, mixed: bool = True, newton: bool = True) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -62,6 +62,7 @@ def run(n: int, size: int, do_fit: bool, mixed: bool = True) -> dict:
     t0 = time.perf_counter()
     ds = ts.make_dataset(eps, target)
     row = dict(n_epochs=n, size=size, grid=ds.grid.size, fit_radius_arcsec=ds.fit_radius, mixed_precision=str(mixed),
+               newton=str(newton),
                build_s=time.perf_counter() - t0)
     scene = initial_scene(ds)
     pa = prior_arrays(ds, Priors(), np.zeros((0, 2)))
@@ -76,7 +77,7 @@ def run(n: int, size: int, do_fit: bool, mixed: bool = True) -> dict:
     row["gn_cg_iterations"] = int(out[2])
     if do_fit:
         t0 = time.perf_counter()
-        res = ts.fit(ds, mixed_precision=mixed)
+        res = ts.fit(ds, mixed_precision=mixed, newton=newton)
         row["fit_with_errors_s"] = time.perf_counter() - t0
         row["gn_iterations"] = res.n_iter
         row["status"] = res.status
@@ -93,7 +94,7 @@ def run(n: int, size: int, do_fit: bool, mixed: bool = True) -> dict:
             raise RuntimeError("second data set has another model grid: the warm fits would compile")
         for method in ("laplace", "linear"):
             t0 = time.perf_counter()
-            res2 = ts.fit(ds2, method=method, mixed_precision=mixed)
+            res2 = ts.fit(ds2, method=method, mixed_precision=mixed, newton=newton)
             row[f"warm_{method}_s"] = time.perf_counter() - t0
             row[f"warm_{method}_status"] = res2.status
     row["peak_rss_mb"] = _peak_mb()
@@ -108,15 +109,18 @@ def main() -> None:
     p.add_argument("--out", default=None)
     p.add_argument("--no-mixed-precision", dest="mixed", action="store_false",
                    help="float64 throughout (fit(mixed_precision=False)), for comparison")
+    p.add_argument("--no-newton", dest="newton", action="store_false",
+                   help="Gauss-Newton steps only (fit(newton=False)), for comparison")
     p.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)  # child process
     args = p.parse_args()
     if args.one is not None:
-        print(json.dumps(run(args.one, args.size, args.one <= args.max_fit_epochs, args.mixed)), flush=True)
+        print(json.dumps(run(args.one, args.size, args.one <= args.max_fit_epochs, args.mixed, args.newton)), flush=True)
         return
     rows = []
     for n in args.epochs:
-        cmd = [sys.executable, __file__, "--one", str(n), "--size", str(args.size),
-               "--max-fit-epochs", str(args.max_fit_epochs)] + ([] if args.mixed else ["--no-mixed-precision"])
+        cmd = ([sys.executable, __file__, "--one", str(n), "--size", str(args.size),
+                "--max-fit-epochs", str(args.max_fit_epochs)] + ([] if args.mixed else ["--no-mixed-precision"])
+               + ([] if args.newton else ["--no-newton"]))
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             print(f"N={n}: failed\n{proc.stderr[-2000:]}", file=sys.stderr, flush=True)

@@ -973,6 +973,22 @@ def test_newton_step_is_the_exact_hessian_step(fit_results, nuisances):
     assert np.abs(gn[sel] - exact[sel]).max() > 1e-3 * scale
 
 
+def test_newton_fit_reaches_the_gauss_newton_optimum_or_lower(fit_results):
+    """Newton steps change how the MAP is found, not what it is: the same light curve as a
+    Gauss-Newton-only fit within the fits' stopping tolerance, at an objective no higher, in
+    no more iterations."""
+    ds, res, _ = fit_results[0]
+    gn = fit(ds, newton=False)
+    assert res.status == gn.status == "converged"
+    assert res.history[-1] <= gn.history[-1] + 1e-6 * abs(gn.history[-1])
+    assert res.n_iter <= gn.n_iter
+    a, b = res.lightcurve(), gn.lightcurve()
+    sci = ~np.asarray(b["is_reference"])
+    err = np.asarray(b["flux_err"])[sci]
+    assert np.max(np.abs(np.asarray(a["flux"])[sci] - np.asarray(b["flux"])[sci]) / err) < 0.03
+    np.testing.assert_allclose(np.asarray(a["flux_err"])[sci], err, rtol=2e-3)
+
+
 @given(n=st.integers(1, 5000))
 def test_epoch_buckets_hold_n_with_little_padding_and_few_shapes(n):
     """Padded slots cost as much as real epochs, distinct counts cost a compilation each."""

@@ -287,6 +287,7 @@ def fit(
     key: jax.Array | None = None,
     position: Literal["auto", "free", "fixed"] = "auto",
     mixed_precision: bool = True,
+    newton: bool = True,
 ) -> FitResult:
     """Fit the scene to ``ds`` and return the light curve with Gaussian flux errors.
 
@@ -345,6 +346,9 @@ def fit(
             pixel host (100 epochs of 64x64: 47 -> 34 s), the same fluxes and errors as
             float64 to far below their uncertainties (``solve._linearised_model``). ``False``:
             float64 throughout.
+        newton: take Newton steps (the exact Hessian) after the first Gauss-Newton ones, for a
+            pixel host and a Gaussian likelihood (``NEWTON_FROM``); ``False``: Gauss-Newton
+            throughout (slower to converge, and on faint hosts it stops short of the optimum).
     """
     if position not in POSITION_MODES:
         raise ValueError(f"position must be one of {', '.join(POSITION_MODES)}; got {position!r}")
@@ -402,10 +406,11 @@ def fit(
     irls_from = None  # iteration at which Student-t reweighting started
     newton_paused = False  # the last Newton step was not taken whole: one Gauss-Newton step first
     n_truncated = 0
+    newton_steps = newton
     for it in range(1, max_iter + 1):
         if irls_from is not None:
             stacks, obj, chi2 = _student_t_reweight(scene, gaussian_stacks, grid, pa, student_t)
-        newton = (NEWTON_FROM is not None and it >= NEWTON_FROM and not newton_paused and student_t is None
+        newton = (newton_steps and NEWTON_FROM is not None and it >= NEWTON_FROM and not newton_paused and student_t is None
                   and isinstance(scene.glob.host, PixelHost))
         eta = PHASE1_ETA if it <= PHASE1_ETA_ITERATIONS and not newton else 0.0
         newton_paused = False
@@ -549,7 +554,7 @@ def fit(
     start = eqx.tree_at(lambda s: s.glob.position, scene, jnp.zeros_like(scene.glob.position))
     held = fit(ds, host=host, priors=priors, stars=stars, fit_shifts=fit_shifts, max_iter=max_iter, init=start,
                progress=progress, phase1_tol=phase1_tol, method=method, null_test=null_test, student_t=student_t,
-               nuts=nuts, key=key, position="fixed", mixed_precision=mixed_precision)
+               nuts=nuts, key=key, position="fixed", mixed_precision=mixed_precision, newton=newton)
     return dataclasses.replace(
         held, elapsed=result.elapsed + held.elapsed,
         position_mode=f"held at the target (summed S/N {snr:.1f} < {POSITION_MIN_SNR:g}; position='auto')")
