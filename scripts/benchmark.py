@@ -114,7 +114,8 @@ def main() -> None:
     p.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)  # child process
     args = p.parse_args()
     if args.one is not None:
-        print(json.dumps(run(args.one, args.size, args.one <= args.max_fit_epochs, args.mixed, args.newton)), flush=True)
+        row = run(args.one, args.size, args.one <= args.max_fit_epochs, args.mixed, args.newton)
+        print(json.dumps(row), flush=True)
         return
     rows = []
     for n in args.epochs:

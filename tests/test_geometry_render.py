@@ -954,7 +954,8 @@ def test_newton_step_is_the_exact_hessian_step(fit_results, nuisances):
     # epochs' fluxes, which the solver holds at zero and the objective by a unit prior only
     flux_free = jax.tree_util.tree_map(lambda x: np.ones(np.shape(x), bool), scene)
     flux_free = eqx.tree_at(lambda s: s.local, flux_free, tuple(
-        np.c_[np.asarray(st.free_flux) > 0, np.ones((loc.shape[0], 5), bool)] for loc, st in zip(scene.local, ds.stacks)))
+        np.c_[np.asarray(st.free_flux) > 0, np.ones((loc.shape[0], 5), bool)]
+        for loc, st in zip(scene.local, ds.stacks)))
     free = (np.diag(hess) < 1e10) & np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(flux_free)])
     exact = np.zeros(flat.size)
     exact[free] = np.linalg.solve(hess[np.ix_(free, free)], -np.asarray(grad)[free])

@@ -317,8 +317,9 @@ def fit(
         priors: prior widths; see :class:`~transcene.solve.Priors`.
         stars: static point sources (stars, a constant nucleus) to model, as sky coordinates.
         fit_shifts: fit a per-epoch astrometric shift (prior width set in the dataset).
-        max_iter: Gauss-Newton iterations before giving up (simulations converge in 10-15; the
-            real SN 2021rhu data, whose bright epochs the PSF models only approximately, in 24).
+        max_iter: (Gauss-)Newton iterations before giving up (with Newton steps simulations
+            converge in 5-11, faint hosts in up to ~20; the real SN 2021rhu data, whose bright
+            epochs the PSF models only approximately, in 9; Gauss-Newton alone took 10-38 and 14).
         progress: called as ``progress(step, total, message)``.
         phase1_tol: CG tolerance of the Gauss-Newton steps before the geometry is frozen.
         method: ``"laplace"``, ``"linear"`` or ``"map"`` (above).
@@ -410,8 +411,8 @@ def fit(
     for it in range(1, max_iter + 1):
         if irls_from is not None:
             stacks, obj, chi2 = _student_t_reweight(scene, gaussian_stacks, grid, pa, student_t)
-        newton = (newton_steps and NEWTON_FROM is not None and it >= NEWTON_FROM and not newton_paused and student_t is None
-                  and isinstance(scene.glob.host, PixelHost))
+        newton = (newton_steps and NEWTON_FROM is not None and it >= NEWTON_FROM and not newton_paused
+                  and student_t is None and isinstance(scene.glob.host, PixelHost))
         eta = PHASE1_ETA if it <= PHASE1_ETA_ITERATIONS and not newton else 0.0
         newton_paused = False
         step, lvar, cg_it, cg_res = gauss_newton_step(scene, stacks, grid, pa, jnp.asarray(phase1_tol),

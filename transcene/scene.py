@@ -52,12 +52,12 @@ def render_epoch(
     host_ft: Array, glob: SceneGlobal, loc: Float[Array, "6"], ep: EpochStack, grid: ModelGrid
 ) -> Float[Array, "y x"]:
     """Model image (nJy per pixel) of one epoch (``ep`` without its epoch axis)."""
-    img = _sources(host_ft, glob, loc[LOCAL_FLUX], loc[LOCAL_SHIFT], loc[LOCAL_PSF], ep, grid)
+    img = epoch_sources(host_ft, glob, loc[LOCAL_FLUX], loc[LOCAL_SHIFT], loc[LOCAL_PSF], ep, grid)
     return ep.scale * (1.0 + loc[LOCAL_ZP]) * img + loc[LOCAL_SKY]
 
 
-def _sources(host_ft: Array, glob: SceneGlobal, flux: Array, shift: Float[Array, "2"], width: Array, ep: EpochStack,
-             grid: ModelGrid) -> Float[Array, "y x"]:
+def epoch_sources(host_ft: Array, glob: SceneGlobal, flux: Array, shift: Float[Array, "2"], width: Array,
+                  ep: EpochStack, grid: ModelGrid) -> Float[Array, "y x"]:
     """One epoch's host and point sources before its calibration and sky (nJy per pixel), for the
     transient ``flux`` (nJy), the epoch's ``shift`` (arcsec) and PSF ``width`` (used only when
     ``ep.fit_psf_width``)."""
@@ -121,7 +121,7 @@ def local_jacobian(glob: SceneGlobal, local: Array, stack: EpochStack, grid: Mod
 
         def sources(nl):  # of the non-linear locals: shift_xi, shift_eta (, psf_width)
             width = nl[2] if ep.fit_psf_width else loc[LOCAL_PSF]
-            return _sources(host_ft, glob, loc[LOCAL_FLUX], nl[:2], width, ep, grid)
+            return epoch_sources(host_ft, glob, loc[LOCAL_FLUX], nl[:2], width, ep, grid)
 
         nl = jnp.concatenate([loc[LOCAL_SHIFT], loc[LOCAL_PSF:LOCAL_PSF + 1]])[:n_nl]
         img, jvp_fn = jax.linearize(sources, nl)

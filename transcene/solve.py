@@ -28,7 +28,7 @@ from jax.flatten_util import ravel_pytree
 from .dataset import PINNED, Dataset, EpochStack, ModelGrid
 from .host import PixelHost, SersicHost, host_prior_spectrum
 from .render import batched
-from .scene import LOCAL_FLUX, LOCAL_NONLINEAR, LOCAL_PSF, LOCAL_SHIFT, LOCAL_ZP, Scene, SceneGlobal, _sources, \
+from .scene import LOCAL_FLUX, LOCAL_NONLINEAR, LOCAL_PSF, LOCAL_SHIFT, LOCAL_ZP, Scene, SceneGlobal, epoch_sources, \
     host_spectrum, local_jacobian, render_epoch, render_stack, with_psf_width
 
 __all__ = ["Priors", "objective", "gauss_newton_step", "flux_covariance", "local_variances", "PriorArrays",
@@ -457,7 +457,7 @@ def _residual_curvature(scene: Scene, stacks, grid: ModelGrid, parts, single: bo
             def grads(fl, sh, w):  # gradient of c . sources over (flat glob, flux, shift, width)
                 def f(gflat, fl2, sh2, w2):
                     g = unravel(gflat)
-                    return jnp.sum(c * _sources(host_spectrum(g, grid), g, fl2, sh2, w2, ep, grid))
+                    return jnp.sum(c * epoch_sources(host_spectrum(g, grid), g, fl2, sh2, w2, ep, grid))
                 return jax.grad(f, argnums=(0, 1, 2, 3))(flat, fl, sh, w)
 
             fl, sh, w = l[LOCAL_FLUX], l[LOCAL_SHIFT], l[LOCAL_PSF]
