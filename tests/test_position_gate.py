@@ -7,6 +7,8 @@ source at a known offset from the target, 2 references + 6 science epochs.
 
 from __future__ import annotations
 
+import importlib
+
 import transcene  # noqa: F401  (first: enables float64)
 
 import math
@@ -58,12 +60,16 @@ def test_a_faint_transient_is_measured_at_the_target(faint):
     assert auto.elapsed > free.elapsed  # the free fit came first and is counted
 
 
-def test_the_held_refit_keeps_the_callers_options(faint):
+def test_the_held_refit_keeps_the_callers_options(faint, monkeypatch):
     """The position-held refit is a second ``fit`` call: it must not fall back to defaults."""
     ds = faint["auto"].dataset
-    res = fit(ds, mixed_precision=False, method="linear")
+    # Newton from the first step, so that the refit (which starts at the converged scene and
+    # needs few steps) would take one if it lost ``newton=False``
+    monkeypatch.setattr(importlib.import_module("transcene.fit"), "NEWTON_FROM", 1)
+    res = fit(ds, mixed_precision=False, method="linear", newton=False)
     assert res.position_mode.startswith("held at the target (summed S/N")
-    assert not res.mixed_precision and res.method == "linear"
+    assert not res.mixed_precision and res.method == "linear" and res.n_newton == 0
+    assert fit(ds, mixed_precision=False, method="linear").n_newton > 0
     assert res.lightcurve().meta["solver_precision"] == "float64"
 
 

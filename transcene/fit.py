@@ -407,30 +407,29 @@ def fit(
     irls_from = None  # iteration at which Student-t reweighting started
     newton_paused = False  # the last Newton step was not taken whole: one Gauss-Newton step first
     n_truncated = 0
-    newton_steps = newton
     for it in range(1, max_iter + 1):
         if irls_from is not None:
             stacks, obj, chi2 = _student_t_reweight(scene, gaussian_stacks, grid, pa, student_t)
-        newton = (newton_steps and NEWTON_FROM is not None and it >= NEWTON_FROM and not newton_paused
+        take_newton = (newton and NEWTON_FROM is not None and it >= NEWTON_FROM and not newton_paused
                   and student_t is None and isinstance(scene.glob.host, PixelHost))
-        eta = PHASE1_ETA if it <= PHASE1_ETA_ITERATIONS and not newton else 0.0
+        eta = PHASE1_ETA if it <= PHASE1_ETA_ITERATIONS and not take_newton else 0.0
         newton_paused = False
         step, lvar, cg_it, cg_res = gauss_newton_step(scene, stacks, grid, pa, jnp.asarray(phase1_tol),
-                                                      jnp.asarray(eta), mixed=mixed_precision, newton=newton)
+                                                      jnp.asarray(eta), mixed=mixed_precision, newton=take_newton)
         cg_total += int(cg_it)
-        truncated = newton and not np.isfinite(float(cg_res))
+        truncated = take_newton and not np.isfinite(float(cg_res))
         if truncated:
             # CG met non-positive curvature (Newton's system is indefinite away from the optimum,
             # and nearly singular on faint hosts, where float32 rounding can tip it): its iterate
             # so far still lowers the quadratic model (Steihaug), so it is the step
             n_truncated += 1
             log.debug("GN iteration %d: Newton CG truncated at negative curvature after %d iterations", it, int(cg_it))
-        n_newton += int(newton)
+        n_newton += int(take_newton)
         # a truncated step stops above the residual tolerance by design; only a blow-up or the
         # iteration cap is a problem there
         if not truncated:
             _check_cg(cg_it, cg_res, phase1_tol if eta == 0 else np.inf)
-        if newton:
+        if take_newton:
             # Anderson mixing accelerates a linearly converging sequence; Newton's is not one
             hist.clear()
         else:
@@ -443,7 +442,7 @@ def fit(
         n_anderson += int(took_mixed)
         if alpha != 1.0:
             hist.clear()
-            newton_paused = newton
+            newton_paused = take_newton
         n_iter = it
         if trial is None:
             status = "line_search_failed"
@@ -455,7 +454,7 @@ def fit(
         log.debug(
             "GN iteration %d: objective %.6f (decrease %.3g, flux step %.2e sigma, shift step %.2e sigma, "
             "position step %.2e arcsec, alpha %.3g, cg %d, res %.1e%s)",
-            it, obj, decrease, dflux, dnl_sigma, dpos, alpha, int(cg_it), float(cg_res), ", Newton" if newton else "",
+            it, obj, decrease, dflux, dnl_sigma, dpos, alpha, int(cg_it), float(cg_res), ", Newton" if take_newton else "",
         )
         if progress is not None:
             progress(it, max_iter, f"objective {obj:.1f}")
@@ -544,6 +543,7 @@ def fit(
         likelihood="gaussian" if student_t is None else f"student-t (nu={student_t:g}); chi2 capped at 5 sigma per pixel",
         position_mode="held at the target (position='fixed')" if position == "fixed" else "fitted",
         mixed_precision=mixed_precision,
+        n_newton=n_newton,
     )
     if position != "auto" or method == "nuts":
         return result

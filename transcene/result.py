@@ -82,6 +82,8 @@ class FitResult:
     position_mode: str = "fitted"
     #: whether the CG solves applied the linearised rendering in float32 (``fit(mixed_precision=...)``)
     mixed_precision: bool = True
+    #: how many of the ``n_iter`` steps were Newton steps (``fit(newton=...)``); the rest Gauss-Newton
+    n_newton: int = 0
     # the light curve is built once (plots and writers ask for it repeatedly); callers get copies
     _cache: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
 
@@ -307,6 +309,7 @@ class FitResult:
             "status": self.status,
             "converged": self.converged,
             "n_iterations": self.n_iter,
+            "n_newton_steps": self.n_newton,
             "baseline": "defined by transient-free epochs" if ds.baseline_defined else "baseline undefined",
             "bands": list(ds.bands),
             "fit_radius_arcsec": ds.fit_radius,
