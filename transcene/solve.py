@@ -476,9 +476,10 @@ def _residual_curvature(scene: Scene, stacks, grid: ModelGrid, parts, single: bo
             zero_g = jnp.zeros_like(prim[0])
             rg = jnp.stack([cal * d_fl[0], zero_g, cal * d_sh[0][0], cal * d_sh[0][1], ep.scale * prim[0],
                             cal * d_w[0]])  # [6, n_g]
-            rl = jnp.stack([cal * row6(d_fl), jnp.zeros(6, prim[0].dtype), cal * row6(d_sh)[0], cal * row6(d_sh)[1],
-                            ep.scale * row6(prim), cal * row6(d_w)])
-            rl = rl.at[:, LOCAL_ZP].set(ep.scale * row6(prim))  # d2/dzp da = scale dG/da (symmetric)
+            zp_row = ep.scale * row6(prim)  # d2/dzp da = scale dG/da
+            sh_rows = cal * row6(d_sh)
+            rl = jnp.stack([cal * row6(d_fl), jnp.zeros(6, prim[0].dtype), sh_rows[0], sh_rows[1], zp_row, cal * row6(d_w)])
+            rl = rl.at[:, LOCAL_ZP].set(zp_row)  # and its column (symmetric)
             return rg, rl
 
         rg, rl = batched(one, st.n_epochs)((loc, st, wr))
@@ -495,6 +496,17 @@ def _residual_curvature(scene: Scene, stacks, grid: ModelGrid, parts, single: bo
 
     r_small = jax.hessian(total)(xs0)
     return out, r_small.astype(jnp.float64)
+
+
+def _coupling(p, vflat: jax.Array) -> jax.Array:
+    """``R_e v`` ``[e, 6]``: a stack's second-order local-global coupling (``p["rc"]``, from
+    ``_build(newton=True)``) applied to a flat global vector; in ``rc``'s precision."""
+    return jnp.einsum("eag,g->ea", p["rc"], vflat.astype(p["rc"].dtype)).astype(vflat.dtype)
+
+
+def _coupling_t(p, t: jax.Array) -> jax.Array:
+    """``sum_e R_e^T t_e`` ``[n_g]``: the transpose of ``_coupling``."""
+    return jnp.einsum("eag,ea->g", p["rc"], t.astype(p["rc"].dtype)).astype(t.dtype)
 
 
 #: smallest eigenvalue, relative to the Gauss-Newton block's diagonal, that an epoch's Newton
@@ -530,48 +542,41 @@ def _build(scene: Scene, stacks, grid, pa: PriorArrays, mixed: bool = True, newt
             d = jnp.sqrt(jnp.diagonal(p["n_mat"], axis1=1, axis2=2))
             lam = jnp.linalg.eigvalsh(n_mat / (d[:, :, None] * d[:, None, :]))
             ok = jnp.min(lam, axis=1) > NEWTON_LOCAL_MIN_EIG
-            p["ninv"] = jnp.where(ok[:, None, None], jnp.linalg.inv(jnp.where(ok[:, None, None], n_mat, p["n_mat"])),
-                                  p["ninv"])
+            p["ninv"] = jnp.linalg.inv(jnp.where(ok[:, None, None], n_mat, p["n_mat"]))
             p["rc"] = rg * ok.astype(rg.dtype)[:, None, None]
-
-    def coupling(p, vflat):  # R_e v: [e, 6]
-        return jnp.einsum("eag,g->ea", p["rc"], vflat.astype(p["rc"].dtype)).astype(vflat.dtype)
-
-    def coupling_t(p, t):  # sum_e R_e^T t_e: [n_g]
-        return jnp.einsum("eag,ea->g", p["rc"], t.astype(p["rc"].dtype)).astype(t.dtype)
 
     prior_grad = jax.grad(lambda g: global_prior(g, pa, grid))
 
     def apply_s(vflat):
         v = unravel(vflat)
         pix = []
-        extra = jnp.zeros_like(vflat)
+        second_order = []  # the Newton terms, R_e^T t_e and the small block's
         for y, p in zip(jvp_fn(v), parts):
             wy = p["w"] * y
             c = _pixel_dot(p["jl"], wy)
             if newton:
-                c = c - coupling(p, vflat)
+                c = c - _coupling(p, vflat)
             t = jnp.einsum("eab,eb->ea", p["ninv"], c)
             pix.append(wy - p["w"] * jnp.einsum("eyxa,ea->eyx", p["jl"], t))
             if newton:
-                extra = extra + coupling_t(p, t)
+                second_order.append(_coupling_t(p, t))
         g = vjp_fn(tuple(pix))[0]
         hv = jax.jvp(prior_grad, (glob,), (v,))[1]
-        out = ravel_pytree(g)[0] + 0.5 * ravel_pytree(hv)[0] + extra
+        out = ravel_pytree(g)[0] + 0.5 * ravel_pytree(hv)[0]
         if newton:
-            out = out.at[small].add(-(r_small @ vflat[small]))
+            out = sum(second_order, out).at[small].add(-(r_small @ vflat[small]))
         return out
 
     # right-hand side
     ys = []
-    extra = jnp.zeros_like(flat0)
+    second_order = []
     for p in parts:
         t = jnp.einsum("eab,eb->ea", p["ninv"], p["b"])
         ys.append(p["w"] * p["r"] - p["w"] * jnp.einsum("eyxa,ea->eyx", p["jl"], t))
         if newton:
-            extra = extra + coupling_t(p, t)
+            second_order.append(_coupling_t(p, t))
     grad_prior = jax.grad(lambda g: global_prior(g, pa, grid))(glob)
-    rhs = ravel_pytree(vjp_fn(tuple(ys))[0])[0] - 0.5 * ravel_pytree(grad_prior)[0] + extra
+    rhs = sum(second_order, ravel_pytree(vjp_fn(tuple(ys))[0])[0] - 0.5 * ravel_pytree(grad_prior)[0])
 
     return dict(
         parts=parts, apply_s=apply_s, rhs=rhs, unravel=unravel, n_g=n_g,
@@ -682,14 +687,13 @@ def _transient_rows(sysd, stacks, glob: SceneGlobal) -> jax.Array | None:
     rows = []
     for b in range(n_bands):
         cots = []
-        extra = 0.0
+        second_order = []
         for st, p in zip(stacks, sysd["parts"]):
             sel = st.free_flux * st.valid * (st.band == b)
             cots.append(sel[:, None, None] * _flux_cotangent(p))
             if sysd["newton"]:  # z_e's second-order part (see _build)
-                t = (sel[:, None] * p["ninv"][:, :, 0]).astype(p["rc"].dtype)
-                extra = extra - jnp.einsum("eag,ea->g", p["rc"], t).astype(jnp.float64)
-        rows.append(ravel_pytree(sysd["vjp_fn"](tuple(cots))[0])[0] + extra)
+                second_order.append(-_coupling_t(p, sel[:, None] * p["ninv"][:, :, 0]))
+        rows.append(sum(second_order, ravel_pytree(sysd["vjp_fn"](tuple(cots))[0])[0]))
     return jnp.stack(rows)
 
 
@@ -701,7 +705,8 @@ def gauss_newton_step(scene: Scene, stacks, grid: ModelGrid, pa: PriorArrays, to
     the compiled step for other values. ``mixed``: the linearised rendering in single precision
     (``_linearised_model``). ``newton``: a Newton step instead, with the exact Hessian
     (``_residual_curvature``; pixel hosts only); a reduced system that is not positive definite
-    there stops CG at the negative curvature and returns an infinite residual.
+    there stops CG at the negative curvature (its iterate so far is the step) and returns a NaN
+    residual.
 
     Returns (step as a Scene, Gauss-Newton conditional variances ``[e, 6]`` of the local
     parameters per stack, cg iterations, cg residual).
@@ -715,7 +720,7 @@ def gauss_newton_step(scene: Scene, stacks, grid: ModelGrid, pa: PriorArrays, to
     for ui, p in zip(u, sysd["parts"]):
         c = _pixel_dot(p["jl"], p["w"] * ui)
         if newton:
-            c = c - jnp.einsum("eag,g->ea", p["rc"], dg.astype(p["rc"].dtype)).astype(c.dtype)
+            c = c - _coupling(p, dg)
         dlocal.append(jnp.einsum("eab,eb->ea", p["ninv"], p["b"] - c))
     fvar = tuple(jax.vmap(jnp.diag)(p["ninv_gn"]) for p in sysd["parts"])
     return Scene(glob=dglob, local=tuple(dlocal)), fvar, iters, res
