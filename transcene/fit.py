@@ -407,42 +407,55 @@ def fit(
     irls_from = None  # iteration at which Student-t reweighting started
     newton_paused = False  # the last Newton step was not taken whole: one Gauss-Newton step first
     n_truncated = 0
+    n_rejected = 0  # Newton steps that failed the line search (replaced by Gauss-Newton ones)
     for it in range(1, max_iter + 1):
         if irls_from is not None:
             stacks, obj, chi2 = _student_t_reweight(scene, gaussian_stacks, grid, pa, student_t)
-        take_newton = (newton and NEWTON_FROM is not None and it >= NEWTON_FROM and not newton_paused
-                  and student_t is None and isinstance(scene.glob.host, PixelHost))
-        eta = PHASE1_ETA if it <= PHASE1_ETA_ITERATIONS and not take_newton else 0.0
+        want_newton = (newton and NEWTON_FROM is not None and it >= NEWTON_FROM and not newton_paused
+                       and student_t is None and isinstance(scene.glob.host, PixelHost))
         newton_paused = False
-        step, lvar, cg_it, cg_res = gauss_newton_step(scene, stacks, grid, pa, jnp.asarray(phase1_tol),
-                                                      jnp.asarray(eta), mixed=mixed_precision, newton=take_newton)
-        cg_total += int(cg_it)
-        truncated = take_newton and not np.isfinite(float(cg_res))
-        if truncated:
-            # CG met non-positive curvature (Newton's system is indefinite away from the optimum,
-            # and nearly singular on faint hosts, where float32 rounding can tip it): its iterate
-            # so far still lowers the quadratic model (Steihaug), so it is the step
-            n_truncated += 1
-            log.debug("GN iteration %d: Newton CG truncated at negative curvature after %d iterations", it, int(cg_it))
+        # a Newton step that fails the line search (far from the optimum its quadratic model can
+        # be useless: validation cell sys:zp20mmag-sb15-nuis seed 6, a 15 mag host, failed its
+        # first Newton step and with it the whole fit) is replaced by a Gauss-Newton step
+        fell_back = False
+        for take_newton in ((True, False) if want_newton else (False,)):
+            eta = PHASE1_ETA if it <= PHASE1_ETA_ITERATIONS and not take_newton else 0.0
+            step, lvar, cg_it, cg_res = gauss_newton_step(scene, stacks, grid, pa, jnp.asarray(phase1_tol),
+                                                          jnp.asarray(eta), mixed=mixed_precision, newton=take_newton)
+            cg_total += int(cg_it)
+            truncated = take_newton and not np.isfinite(float(cg_res))
+            if truncated:
+                # CG met non-positive curvature (Newton's system is indefinite away from the
+                # optimum, and nearly singular on faint hosts, where float32 rounding can tip it):
+                # its iterate so far still lowers the quadratic model (Steihaug), so it is the step
+                n_truncated += 1
+                log.debug("GN iteration %d: Newton CG truncated at negative curvature after %d iterations", it,
+                          int(cg_it))
+            # a truncated step stops above the residual tolerance by design; only a blow-up or the
+            # iteration cap is a problem there
+            if not truncated:
+                _check_cg(cg_it, cg_res, phase1_tol if eta == 0 else np.inf)
+            if take_newton:
+                # Anderson mixing accelerates a linearly converging sequence; Newton's is not one
+                hist.clear()
+            else:
+                hist.append((np.asarray(ravel_pytree(scene)[0]), np.asarray(ravel_pytree(step)[0])))
+                del hist[: -(ANDERSON_DEPTH + 1)]
+            mixed = None
+            if len(hist) >= 2:
+                mixed = _anderson_point(hist, np.asarray(ravel_pytree(_nonlinear_weights(step, lvar))[0]), unravel)
+            trial, new, trial_chi2, alpha, took_mixed = _line_search(scene, step, obj, stacks, grid, pa, extra=mixed)
+            if trial is not None or not take_newton:
+                break
+            n_rejected += 1
+            fell_back = True
+            log.debug("GN iteration %d: the Newton step failed the line search; a Gauss-Newton step instead", it)
         n_newton += int(take_newton)
-        # a truncated step stops above the residual tolerance by design; only a blow-up or the
-        # iteration cap is a problem there
-        if not truncated:
-            _check_cg(cg_it, cg_res, phase1_tol if eta == 0 else np.inf)
-        if take_newton:
-            # Anderson mixing accelerates a linearly converging sequence; Newton's is not one
-            hist.clear()
-        else:
-            hist.append((np.asarray(ravel_pytree(scene)[0]), np.asarray(ravel_pytree(step)[0])))
-            del hist[: -(ANDERSON_DEPTH + 1)]
-        mixed = None
-        if len(hist) >= 2:
-            mixed = _anderson_point(hist, np.asarray(ravel_pytree(_nonlinear_weights(step, lvar))[0]), unravel)
-        trial, new, trial_chi2, alpha, took_mixed = _line_search(scene, step, obj, stacks, grid, pa, extra=mixed)
         n_anderson += int(took_mixed)
         if alpha != 1.0:
             hist.clear()
-            newton_paused = take_newton
+        # ...and after a Newton step that was not taken whole, the next step is a Gauss-Newton one
+        newton_paused = fell_back or (take_newton and alpha != 1.0)
         n_iter = it
         if trial is None:
             status = "line_search_failed"
@@ -523,8 +536,9 @@ def fit(
         null = reference_null_test(scene, cov_stacks, grid, pa, ds.epochs, mixed=mixed_precision)
     chi2 = [np.asarray(c) for c in chi2]  # of the final scene, from its last objective evaluation
     elapsed = time.perf_counter() - t0
-    log.info("fit %s in %d iterations (%d Newton, %d of them truncated at negative curvature; %d Anderson-accelerated; "
-             "%.1f s, %d CG iterations)", status, n_iter, n_newton, n_truncated, n_anderson, elapsed, cg_total)
+    log.info("fit %s in %d iterations (%d Newton, %d of them truncated at negative curvature, %d more rejected for "
+             "Gauss-Newton; %d Anderson-accelerated; %.1f s, %d CG iterations)", status, n_iter, n_newton, n_truncated,
+             n_rejected, n_anderson, elapsed, cg_total)
     result = FitResult(
         dataset=ds,
         scene=scene,
