@@ -63,13 +63,24 @@ def test_a_faint_transient_is_measured_at_the_target(faint):
 def test_the_held_refit_keeps_the_callers_options(faint, monkeypatch):
     """The position-held refit is a second ``fit`` call: it must not fall back to defaults."""
     ds = faint["auto"].dataset
-    # Newton from the first step, so that the refit (which starts at the converged scene and
-    # needs few steps) would take one if it lost ``newton=False``
-    monkeypatch.setattr(importlib.import_module("transcene.fit"), "NEWTON_FROM", 1)
+    # Newton from the first step, so that the refit would try one at its first step if it lost
+    # ``newton=False``; the step kinds are recorded as they are asked for (a Newton step the line
+    # search rejects is replaced by a Gauss-Newton one and not counted in ``n_newton``)
+    fit_module = importlib.import_module("transcene.fit")
+    monkeypatch.setattr(fit_module, "NEWTON_FROM", 1)
+    real = fit_module.gauss_newton_step
+    kinds = []
+
+    def spy(*args, newton=False, **kwargs):
+        kinds.append(newton)
+        return real(*args, newton=newton, **kwargs)
+
+    monkeypatch.setattr(fit_module, "gauss_newton_step", spy)
     res = fit(ds, mixed_precision=False, method="linear", newton=False)
     assert res.position_mode.startswith("held at the target (summed S/N")
     assert not res.mixed_precision and res.method == "linear" and res.n_newton == 0
-    assert fit(ds, mixed_precision=False, method="linear").n_newton > 0
+    # (``newton`` is keyword-only in gauss_newton_step, so the spy cannot miss it)
+    assert kinds and not any(kinds)
     assert res.lightcurve().meta["solver_precision"] == "float64"
 
 
