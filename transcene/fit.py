@@ -417,7 +417,6 @@ def fit(
         # a Newton step that fails the line search (far from the optimum its quadratic model can
         # be useless: validation cell sys:zp20mmag-sb15-nuis seed 6, a 15 mag host, failed its
         # first Newton step and with it the whole fit) is replaced by a Gauss-Newton step
-        fell_back = False
         for take_newton in ((True, False) if want_newton else (False,)):
             eta = PHASE1_ETA if it <= PHASE1_ETA_ITERATIONS and not take_newton else 0.0
             step, lvar, cg_it, cg_res = gauss_newton_step(scene, stacks, grid, pa, jnp.asarray(phase1_tol),
@@ -448,14 +447,14 @@ def fit(
             if trial is not None or not take_newton:
                 break
             n_rejected += 1
-            fell_back = True
             log.debug("GN iteration %d: the Newton step failed the line search; a Gauss-Newton step instead", it)
         n_newton += int(take_newton)
         n_anderson += int(took_mixed)
         if alpha != 1.0:
             hist.clear()
-        # ...and after a Newton step that was not taken whole, the next step is a Gauss-Newton one
-        newton_paused = fell_back or (take_newton and alpha != 1.0)
+        # ...and after a Newton step that was not taken whole (or not at all), the next step is a
+        # Gauss-Newton one
+        newton_paused = want_newton and not (take_newton and alpha == 1.0)
         n_iter = it
         if trial is None:
             status = "line_search_failed"

@@ -249,9 +249,9 @@ LINEAR_TOL = 1e-4
 #: between two paths to the same optimum.
 POLISH_TOL = 1e-3
 #: ``flux_covariance``'s defaults (measured there): exact up to this many free epochs, beyond it
-#: a Nystrom approximation from this many probes, and from this many free epochs on from
-#: ``COV_PROBES_MANY`` (the covariance is the largest cost of a long light curve), block CG to
-#: this relative residual
+#: a Nystrom approximation from this many probes, and from this many epoch slots on (the padded
+#: shape, so that one shape keeps one compiled covariance) from ``COV_PROBES_MANY`` (the
+#: covariance is the largest cost of a long light curve), block CG to this relative residual
 COV_EXACT_MAX = 16
 COV_PROBES = 8
 COV_MANY_EPOCHS = 64
@@ -839,7 +839,7 @@ def flux_covariance(scene: Scene, stacks, grid: ModelGrid, pa: PriorArrays, *, p
     (``probes=None``): exact up to ``COV_EXACT_MAX`` (16) free epochs, where it is cheap, and 8
     probes (``COV_PROBES``) beyond, solved to a residual of 1e-2 (``COV_TOL``; its error 16x
     below the Nystrom one), the position rows to 1e-3 (``COV_POSITION_TOL``): the covariance was
-    half of a 100-epoch fit's time. From ``COV_MANY_EPOCHS`` (64) free epochs on, 4 probes
+    half of a 100-epoch fit's time. From ``COV_MANY_EPOCHS`` (64) epoch slots on, 4 probes
     (``COV_PROBES_MANY``), at half the cost: measured on the 90 free epochs above (against 96
     probes at 1e-4), flux errors within 5.4e-3 (median 2.3e-4) with 4 probes, 2.3e-3 (9.5e-5)
     with 8, and the covariance 15.2 -> 6.8 s on one core. Fewer epochs keep 8: with 32 free
@@ -855,9 +855,9 @@ def flux_covariance(scene: Scene, stacks, grid: ModelGrid, pa: PriorArrays, *, p
     total number of (padded) epoch slots in stack order.
     """
     if probes is None:
-        n_free = _free_epochs(stacks).size
-        probes = (COV_EXACT_MAX if n_free <= COV_EXACT_MAX
-                  else COV_PROBES if n_free < COV_MANY_EPOCHS else COV_PROBES_MANY)
+        n_slots = sum(st.n_epochs for st in stacks)
+        probes = (COV_EXACT_MAX if _free_epochs(stacks).size <= COV_EXACT_MAX
+                  else COV_PROBES if n_slots < COV_MANY_EPOCHS else COV_PROBES_MANY)
     omega, z, local_var, xs, xs_pos, its = _probe_solves(scene, stacks, grid, pa, probes, tol, seed, deflate, True,
                                                          mixed)
     pos_idx = _position_index(scene.glob)
