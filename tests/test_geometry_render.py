@@ -902,6 +902,9 @@ def test_single_precision_linearisation_is_the_double_one_to_float32_rounding(fi
     assert abs(lhs - rhs) < 1e-5 * float(jnp.linalg.norm(u_img) * jnp.linalg.norm(a32)), (lhs, rhs)
 
 
+# a second full fit in float64 (24 s on 2 cores): slow, to keep the default run within CI's ~10
+# minutes; the fast test above checks the mixed-precision operator itself against float64
+@pytest.mark.slow
 def test_mixed_precision_fit_equals_the_double_precision_fit(fit_results):
     """``mixed_precision`` (the default) only changes how the CG solves apply the operator:
     the same MAP and the same errors as float64 throughout, far inside their own accuracy."""
