@@ -63,6 +63,7 @@ class PriorArrays(eqx.Module):
 
     host_prec: jax.Array  # [band, m, m//2+1] prior precision per Fourier mode
     host_precond: jax.Array  # [band, m, m//2+1] data + prior precision per mode (approx.)
+    host_pedestal: jax.Array  # [band, host, host] unit norm per band: see _host_pedestal
     position_prec: jax.Array
     position_centre: jax.Array
     star_centre: jax.Array
@@ -97,6 +98,7 @@ def prior_arrays(ds: Dataset, priors: Priors, star_centre: np.ndarray) -> PriorA
     return PriorArrays(
         host_prec=jnp.asarray(spec),
         host_precond=jnp.asarray(dens + spec),
+        host_pedestal=jnp.asarray(_host_pedestal(dens, spec, m, ds.grid.host_size)),
         position_prec=jnp.asarray(1.0 / priors.position**2),
         position_centre=jnp.zeros(2),
         star_centre=jnp.asarray(star_centre, dtype=float).reshape(-1, 2),
@@ -107,6 +109,71 @@ def prior_arrays(ds: Dataset, priors: Priors, star_centre: np.ndarray) -> PriorA
         sersic_n_prec=jnp.asarray(1.0 / priors.sersic_n_raw**2),
         sersic_e_prec=jnp.asarray(1.0 / priors.sersic_e_raw**2),
     )
+
+
+#: conjugate-gradient iterations and relative residual of ``_host_pedestal``'s solve (it
+#: converges in ~20: its operator is the Fourier preconditioner's, but for the window)
+_PEDESTAL_MAXITER = 100
+_PEDESTAL_TOL = 1e-6
+
+
+def _host_pedestal(dens: np.ndarray, spec: np.ndarray, m: int, host_size: int) -> np.ndarray:
+    """Per band, the pixel-host image (unit norm) whose rendering is flattest over the fitted
+    region: the least-squares fit of a uniform image under a proxy of the data term (one
+    transfer function ``sqrt(dens)``, the Fourier preconditioner's, seen through the host
+    window only) plus the host prior. ``[band, host_size, host_size]``.
+
+    Why: every epoch's sky is free, so a host pedestal that renders flat over the region is
+    constrained by the prior alone. That pedestal is not the constant image (which renders
+    dimmer at the region's edges, where the PSF spreads it outside) but one with a brightened
+    rim and corners, and the Fourier preconditioner, which assumes the data extend forever,
+    gets its curvature wrong by a factor ~4000 (the preconditioned system's smallest
+    eigenvalues, one per band, 6e-4 against ~1 for the rest). CG finds it only after ~100
+    iterations, and finds it again in every Gauss-Newton step: it carried half of a Newton
+    step's quadratic-model decrease (scripts/benchmark.py's 100 epochs). ``_make_solver``
+    deflates it."""
+    nb = dens.shape[0]
+    lo = m // 2 - host_size // 2
+    window = np.zeros((m, m))
+    window[lo : lo + host_size, lo : lo + host_size] = 1.0
+
+    def embed(h):
+        e = np.zeros((m, m))
+        e[lo : lo + host_size, lo : lo + host_size] = h
+        return e
+
+    def crop(e):
+        return e[lo : lo + host_size, lo : lo + host_size]
+
+    def conv(spectrum, img):
+        return np.fft.irfft2(spectrum * np.fft.rfft2(img), s=(m, m))
+
+    out = np.zeros((nb, host_size, host_size))
+    for b in range(nb):
+        tr = np.sqrt(np.maximum(dens[b], 0.0))
+        apply = lambda h: crop(conv(tr, window * conv(tr, embed(h))) + conv(spec[b], embed(h)))  # noqa: E731
+        precond = lambda r: crop(conv(1.0 / (dens[b] + spec[b]), embed(r)))  # noqa: E731
+        rhs = crop(conv(tr, window))
+        x = np.zeros_like(rhs)
+        r = rhs.copy()
+        z = precond(r)
+        p = z.copy()
+        rz = np.vdot(r, z)
+        bnorm = np.linalg.norm(rhs)
+        for _ in range(_PEDESTAL_MAXITER):
+            ap = apply(p)
+            alpha = rz / np.vdot(p, ap)
+            x += alpha * p
+            r -= alpha * ap
+            if np.linalg.norm(r) <= _PEDESTAL_TOL * bnorm:
+                break
+            z = precond(r)
+            rz_new = np.vdot(r, z)
+            p = z + (rz_new / rz) * p
+            rz = rz_new
+        norm = np.linalg.norm(x)
+        out[b] = x / norm if norm > 0 else 0.0
+    return out
 
 
 def _rfft2_power(q_line: np.ndarray, swap: bool) -> np.ndarray:
@@ -603,10 +670,13 @@ def _deflation(apply_s, u_rows: jax.Array):
     su = jax.vmap(apply_s)(u_rows)  # [k, n]
     e = u_rows @ su.T
     e = 0.5 * (e + e.T)
-    lam, vec = jnp.linalg.eigh(e)
+    # scaled to a unit diagonal first: rows of very different sizes (the transient rows carry
+    # the data's units, the pedestal rows unit norm) must not look dependent to the cut
+    d = jnp.sqrt(jnp.maximum(jnp.diagonal(e), 1e-300))
+    lam, vec = jnp.linalg.eigh(e / (d[:, None] * d[None, :]))
     keep = lam > 1e-10 * jnp.max(lam)
     e_pinv = (vec * jnp.where(keep, 1.0 / jnp.where(keep, lam, 1.0), 0.0)) @ vec.T
-    return u_rows, su, e_pinv
+    return u_rows, su, e_pinv / (d[:, None] * d[None, :])
 
 
 def _make_solver(sysd, glob: SceneGlobal, grid: ModelGrid, pa: PriorArrays, deflate=None):
@@ -616,7 +686,8 @@ def _make_solver(sysd, glob: SceneGlobal, grid: ModelGrid, pa: PriorArrays, defl
     ``deflate``: rows spanning directions that the Fourier preconditioner handles badly (the
     host light under the transient, which only transient-free epochs constrain); with them the
     preconditioner becomes the balancing (BNN) one, ``(I - QS) P^-1 (I - SQ) + Q`` with
-    ``Q = U (U^T S U)^-1 U^T``, which solves S exactly on that span.
+    ``Q = U (U^T S U)^-1 U^T``, which solves S exactly on that span. A pixel host's pedestal
+    (``_host_pedestal``, one row per band) is always deflated.
     """
     n_g = sysd["n_g"]
     apply_s = sysd["apply_s"]
@@ -648,16 +719,16 @@ def _make_solver(sysd, glob: SceneGlobal, grid: ModelGrid, pa: PriorArrays, defl
         zh = grid.crop(jnp.fft.irfft2(jnp.fft.rfft2(rh) / pa.host_precond, s=(m, m))).reshape(-1)
         return jnp.concatenate([zh, block_inv @ r[n_host:]])
 
-    if deflate is None:
-        precond = precond0
-    else:
-        u, su, e_pinv = _deflation(apply_s, deflate)
+    n_bands = host_shape[0]
+    pedestal = (jnp.eye(n_bands)[:, :, None, None] * pa.host_pedestal[None]).reshape(n_bands, n_host)
+    pedestal = jnp.concatenate([pedestal, jnp.zeros((n_bands, n_s), pedestal.dtype)], axis=1)
+    u, su, e_pinv = _deflation(apply_s, pedestal if deflate is None else jnp.concatenate([deflate, pedestal], axis=0))
 
-        def precond(r):
-            qr = e_pinv @ (u @ r)
-            y = precond0(r - su.T @ qr)
-            y = y - u.T @ (e_pinv @ (su @ y))
-            return y + u.T @ qr
+    def precond(r):
+        qr = e_pinv @ (u @ r)
+        y = precond0(r - su.T @ qr)
+        y = y - u.T @ (e_pinv @ (su @ y))
+        return y + u.T @ qr
 
     def solve(rhs, tol=LINEAR_TOL, eta=0.0):
         return _pcg(apply_s, rhs, precond, jnp.zeros_like(rhs), tol, CG_MAXITER, eta)
