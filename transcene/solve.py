@@ -98,7 +98,7 @@ def prior_arrays(ds: Dataset, priors: Priors, star_centre: np.ndarray) -> PriorA
     return PriorArrays(
         host_prec=jnp.asarray(spec),
         host_precond=jnp.asarray(dens + spec),
-        host_pedestal=jnp.asarray(_host_pedestal(dens, spec, m, ds.grid.host_size)),
+        host_pedestal=_host_pedestal(jnp.asarray(dens), jnp.asarray(spec), ds.grid),
         position_prec=jnp.asarray(1.0 / priors.position**2),
         position_centre=jnp.zeros(2),
         star_centre=jnp.asarray(star_centre, dtype=float).reshape(-1, 2),
@@ -117,11 +117,13 @@ _PEDESTAL_MAXITER = 100
 _PEDESTAL_TOL = 1e-6
 
 
-def _host_pedestal(dens: np.ndarray, spec: np.ndarray, m: int, host_size: int) -> np.ndarray:
+@eqx.filter_jit
+def _host_pedestal(dens: jax.Array, spec: jax.Array, grid: ModelGrid) -> jax.Array:
     """Per band, the pixel-host image (unit norm) whose rendering is flattest over the fitted
     region: the least-squares fit of a uniform image under a proxy of the data term (one
     transfer function ``sqrt(dens)``, the Fourier preconditioner's, seen through the host
-    window only) plus the host prior. ``[band, host_size, host_size]``.
+    window only) plus the host prior. ``[band, host_size, host_size]``; compiled once per grid
+    shape.
 
     Why: every epoch's sky is free, so a host pedestal that renders flat over the region is
     constrained by the prior alone. That pedestal is not the constant image (which renders
@@ -132,48 +134,28 @@ def _host_pedestal(dens: np.ndarray, spec: np.ndarray, m: int, host_size: int) -
     iterations, and finds it again in every Gauss-Newton step: it carried half of a Newton
     step's quadratic-model decrease (scripts/benchmark.py's 100 epochs). ``_make_solver``
     deflates it."""
-    nb = dens.shape[0]
-    lo = m // 2 - host_size // 2
-    window = np.zeros((m, m))
-    window[lo : lo + host_size, lo : lo + host_size] = 1.0
-
-    def embed(h):
-        e = np.zeros((m, m))
-        e[lo : lo + host_size, lo : lo + host_size] = h
-        return e
-
-    def crop(e):
-        return e[lo : lo + host_size, lo : lo + host_size]
+    m, k = grid.size, grid.host_size
+    window = grid.embed(jnp.ones((k, k)))
 
     def conv(spectrum, img):
-        return np.fft.irfft2(spectrum * np.fft.rfft2(img), s=(m, m))
+        return jnp.fft.irfft2(spectrum * jnp.fft.rfft2(img), s=(m, m))
 
-    out = np.zeros((nb, host_size, host_size))
-    for b in range(nb):
-        tr = np.sqrt(np.maximum(dens[b], 0.0))
-        apply = lambda h: crop(conv(tr, window * conv(tr, embed(h))) + conv(spec[b], embed(h)))  # noqa: E731
-        precond = lambda r: crop(conv(1.0 / (dens[b] + spec[b]), embed(r)))  # noqa: E731
-        rhs = crop(conv(tr, window))
-        x = np.zeros_like(rhs)
-        r = rhs.copy()
-        z = precond(r)
-        p = z.copy()
-        rz = np.vdot(r, z)
-        bnorm = np.linalg.norm(rhs)
-        for _ in range(_PEDESTAL_MAXITER):
-            ap = apply(p)
-            alpha = rz / np.vdot(p, ap)
-            x += alpha * p
-            r -= alpha * ap
-            if np.linalg.norm(r) <= _PEDESTAL_TOL * bnorm:
-                break
-            z = precond(r)
-            rz_new = np.vdot(r, z)
-            p = z + (rz_new / rz) * p
-            rz = rz_new
-        norm = np.linalg.norm(x)
-        out[b] = x / norm if norm > 0 else 0.0
-    return out
+    def one(d, s):
+        tr = jnp.sqrt(jnp.maximum(d, 0.0))
+
+        def apply(h):
+            e = grid.embed(h.reshape(k, k))
+            return grid.crop(conv(tr, window * conv(tr, e)) + conv(s, e)).reshape(-1)
+
+        def precond(r):
+            return grid.crop(conv(1.0 / (d + s), grid.embed(r.reshape(k, k)))).reshape(-1)
+
+        rhs = grid.crop(conv(tr, window)).reshape(-1)
+        x, _, _ = _pcg(apply, rhs, precond, jnp.zeros_like(rhs), _PEDESTAL_TOL, _PEDESTAL_MAXITER)
+        norm = jnp.linalg.norm(x)
+        return (x / jnp.where(norm > 0, norm, 1.0)).reshape(k, k)
+
+    return jax.vmap(one)(dens, spec)
 
 
 def _rfft2_power(q_line: np.ndarray, swap: bool) -> np.ndarray:
