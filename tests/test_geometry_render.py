@@ -1061,6 +1061,32 @@ def test_a_newton_step_that_fails_the_line_search_is_replaced_by_a_gauss_newton_
     assert np.max(np.abs(np.asarray(a["flux"])[sci] - np.asarray(b["flux"])[sci]) / np.asarray(b["flux_err"])[sci]) < 0.03
 
 
+def test_a_small_last_newton_step_stands_in_for_the_final_linear_solve(fit_results, monkeypatch, caplog):
+    """A fit whose last step was a small, whole Newton step skips the geometry-frozen linear
+    solve (``NEWTON_POLISH_SKIP_FLUX``): the same light curve as the fit that runs it, to 0.01
+    sigma."""
+    import importlib
+    import logging
+
+    fit_module = importlib.import_module("transcene.fit")
+    ds, res, _ = fit_results[0]
+    with caplog.at_level(logging.DEBUG, logger="transcene.fit"):
+        fit(ds)
+    assert not any("linear polish" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    monkeypatch.setattr(fit_module, "NEWTON_POLISH_SKIP_FLUX", 0.0)
+    with caplog.at_level(logging.DEBUG, logger="transcene.fit"):
+        full = fit(ds)
+    assert any("linear polish" in r.getMessage() for r in caplog.records)
+    assert full.status == res.status == "converged"
+    a, b = res.lightcurve(), full.lightcurve()
+    sci = ~np.asarray(b["is_reference"])
+    err = np.asarray(b["flux_err"])[sci]
+    assert np.max(np.abs(np.asarray(a["flux"])[sci] - np.asarray(b["flux"])[sci]) / err) < 0.01
+    np.testing.assert_allclose(np.asarray(a["flux_err"])[sci], err, rtol=1e-3)
+    assert res.history[-1] <= full.history[-1] + 1e-3
+
+
 @given(n=st.integers(1, 5000))
 def test_epoch_buckets_hold_n_with_little_padding_and_few_shapes(n):
     """Padded slots cost as much as real epochs, distinct counts cost a compilation each."""
