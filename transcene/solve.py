@@ -899,11 +899,14 @@ def flux_covariance(scene: Scene, stacks, grid: ModelGrid, pa: PriorArrays, *, p
 
     ``Cov = diag(N_e^-1) + M`` with ``M = Z S^-1 Z^T`` (Z: the rows ``z_e``). M is exact when at
     most ``probes`` epochs have a free flux (one solve per epoch); otherwise it is the Nystrom
-    approximation ``Y (Omega^T Y)^-1 Y^T``, ``Y = M Omega``. Omega holds one indicator column
-    per band (its free epochs) and Gaussian columns (fixed ``seed``) for the rest. M has one
-    dominant direction per band (the host light exactly under the transient, which only
-    transient-free epochs constrain: the band indicator is close to it) and then a tail falling
-    from ~1.5e-2 of the top. Largest relative error of a flux error against the exact
+    approximation ``Y (Omega^T Y)^-1 Y^T``, ``Y = M Omega``. Omega holds M's leading directions
+    known in advance (``_probe_directions``: per band the indicator of its free epochs and their
+    PSF sharpness's deviation from the band's mean) and Gaussian columns (fixed ``seed``) for the
+    rest. M has one dominant direction per band (the host light exactly under the transient,
+    which only transient-free epochs constrain: the band indicator is close to it), one more per
+    band along the sharpness at ~1e-2 of the top, and then a tail. The numbers that follow, up to
+    the defaults, are from before the sharpness probes (fourteenth session; with them, see
+    ``_probe_directions`` and docs/model.md). Largest relative error of a flux error against the exact
     covariance (seeing 1.5-3", rotated epochs, 2 bands): 26 free epochs, 1.8e-3 with 8 probes,
     1.4e-3 with 12, 4.5e-4 with 16 (random probes only: 4.4e-3, 1.1e-3, 5.9e-4); 90 free epochs
     of 64x64 (``scripts/benchmark.py``'s 100), 2.3e-3 with 8 (median 7e-5), 1.4e-3 with 12,
