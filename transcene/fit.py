@@ -414,6 +414,7 @@ def fit(
     newton_paused = False  # the last Newton step was not taken whole: one Gauss-Newton step first
     n_truncated = 0
     n_rejected = 0  # Newton steps that failed the line search (replaced by Gauss-Newton ones)
+    newton_polished = False  # converged by a small, whole Newton step: no phase 2 (NEWTON_POLISH_SKIP_FLUX)
     for it in range(1, max_iter + 1):
         if irls_from is not None:
             stacks, obj, chi2 = _student_t_reweight(scene, gaussian_stacks, grid, pa, student_t)
@@ -490,9 +491,8 @@ def fit(
         first = 1 if irls_from is None else irls_from
         if it >= first + 1 and alpha == 1.0 and dnl_sigma < NL_TOL and dpos < POS_TOL and (linear_host or dflux < 0.02):
             status = "converged"
+            newton_polished = take_newton and float(cg_res) <= phase1_tol and dflux < NEWTON_POLISH_SKIP_FLUX
             break
-    newton_polished = (status == "converged" and take_newton and alpha == 1.0 and float(cg_res) <= phase1_tol
-                       and dflux < NEWTON_POLISH_SKIP_FLUX)
     if status == "converged" and isinstance(scene.glob.host, PixelHost) and not newton_polished:
         # Phase 2: geometry frozen (the shifts baked into the epochs' reference pixels, the
         # position priors centred on the current positions and made rigid), the linear

@@ -134,24 +134,19 @@ def _host_pedestal(dens: jax.Array, spec: jax.Array, grid: ModelGrid) -> jax.Arr
     iterations, and finds it again in every Gauss-Newton step: it carried half of a Newton
     step's quadratic-model decrease (scripts/benchmark.py's 100 epochs). ``_make_solver``
     deflates it."""
-    m, k = grid.size, grid.host_size
+    k = grid.host_size
     window = grid.embed(jnp.ones((k, k)))
-
-    def conv(spectrum, img):
-        return jnp.fft.irfft2(spectrum * jnp.fft.rfft2(img), s=(m, m))
 
     def one(d, s):
         tr = jnp.sqrt(jnp.maximum(d, 0.0))
 
         def apply(h):
             e = grid.embed(h.reshape(k, k))
-            return grid.crop(conv(tr, window * conv(tr, e)) + conv(s, e)).reshape(-1)
+            return grid.crop(_fourier_filter(window * _fourier_filter(e, tr), tr) + _fourier_filter(e, s)).reshape(-1)
 
-        def precond(r):
-            return grid.crop(conv(1.0 / (d + s), grid.embed(r.reshape(k, k)))).reshape(-1)
-
-        rhs = grid.crop(conv(tr, window)).reshape(-1)
-        x, _, _ = _pcg(apply, rhs, precond, jnp.zeros_like(rhs), _PEDESTAL_TOL, _PEDESTAL_MAXITER)
+        rhs = grid.crop(_fourier_filter(window, tr)).reshape(-1)
+        x, _, _ = _pcg(apply, rhs, lambda r: _host_precond(r, d + s, grid), jnp.zeros_like(rhs), _PEDESTAL_TOL,
+                       _PEDESTAL_MAXITER)
         norm = jnp.linalg.norm(x)
         return (x / jnp.where(norm > 0, norm, 1.0)).reshape(k, k)
 
@@ -170,10 +165,24 @@ def _rfft2_power(q_line: np.ndarray, swap: bool) -> np.ndarray:
     return np.concatenate([power[:, :k], lower], axis=0)
 
 
+def _fourier_filter(img: jax.Array, spec: jax.Array) -> jax.Array:
+    """``F^-1 diag(spec) F img`` for real ``[..., m, m]`` images on the model grid and a real
+    ``spec`` ``[..., m, m//2 + 1]`` (a circular convolution, via rfft2)."""
+    m = img.shape[-1]
+    return jnp.fft.irfft2(spec * jnp.fft.rfft2(img), s=(m, m))
+
+
+def _host_precond(r: jax.Array, host_precond: jax.Array, grid: ModelGrid) -> jax.Array:
+    """The Fourier preconditioner of the host pixels: ``r`` (flat, ``[band, host, host]``) embedded
+    in the model grid, divided by the data + prior precision per mode, cropped back (flat)."""
+    k = grid.host_size
+    rh = grid.embed(r.reshape(-1, k, k))
+    return grid.crop(_fourier_filter(rh, 1.0 / host_precond)).reshape(-1)
+
+
 def _fourier_quad(img: jax.Array, spec: jax.Array) -> jax.Array:
     """sum over bands of img . F^-1 diag(spec) F img (symmetric, via rfft2)."""
-    m = img.shape[-1]
-    return jnp.sum(img * jnp.fft.irfft2(spec * jnp.fft.rfft2(img), s=(m, m)))
+    return jnp.sum(img * _fourier_filter(img, spec))
 
 
 def global_prior(glob: SceneGlobal, pa: PriorArrays, grid: ModelGrid) -> jax.Array:
@@ -689,7 +698,6 @@ def _make_solver(sysd, glob: SceneGlobal, grid: ModelGrid, pa: PriorArrays, defl
         block = lambda rows, tol=None: (jax.scipy.linalg.cho_solve(cho, rows.T).T, 0, 0.0)  # noqa: E731
         return solve, s_dense, block
 
-    m = grid.size
     host_shape = glob.host.image.shape
     n_host = int(np.prod(host_shape))
     # host pixels come first in the flattened SceneGlobal (field order); checked here
@@ -704,9 +712,7 @@ def _make_solver(sysd, glob: SceneGlobal, grid: ModelGrid, pa: PriorArrays, defl
         block_inv = jnp.zeros((0, 0))
 
     def precond0(r):
-        rh = grid.embed(r[:n_host].reshape(host_shape))
-        zh = grid.crop(jnp.fft.irfft2(jnp.fft.rfft2(rh) / pa.host_precond, s=(m, m))).reshape(-1)
-        return jnp.concatenate([zh, block_inv @ r[n_host:]])
+        return jnp.concatenate([_host_precond(r[:n_host], pa.host_precond, grid), block_inv @ r[n_host:]])
 
     n_bands = host_shape[0]
     pedestal = (jnp.eye(n_bands)[:, :, None, None] * pa.host_pedestal[None]).reshape(n_bands, n_host)
