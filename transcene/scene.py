@@ -125,9 +125,9 @@ def local_jacobian(glob: SceneGlobal, local: Array, stack: EpochStack, grid: Mod
 
         nl = jnp.concatenate([loc[LOCAL_SHIFT], loc[LOCAL_PSF:LOCAL_PSF + 1]])[:n_nl]
         img, jvp_fn = jax.linearize(sources, nl)
-        d_nl = jax.vmap(jvp_fn, out_axes=-1)(jnp.eye(n_nl))
+        d_nl = jax.vmap(jvp_fn, out_axes=-1)(jnp.eye(n_nl, dtype=nl.dtype))
         e = with_psf_width(ep, loc[LOCAL_PSF]) if ep.fit_psf_width else ep
-        unit = point_sources(e, glob.position[None, :], jnp.ones(1), loc[LOCAL_SHIFT])  # d/d flux
+        unit = point_sources(e, glob.position[None, :], jnp.ones(1, loc.dtype), loc[LOCAL_SHIFT])  # d/d flux
         cal = ep.scale * (1.0 + loc[LOCAL_ZP])
         psf_col = cal * d_nl[..., 2] if ep.fit_psf_width else jnp.zeros_like(img)
         jac = jnp.stack([cal * unit, jnp.ones_like(img), cal * d_nl[..., 0], cal * d_nl[..., 1], ep.scale * img, psf_col],

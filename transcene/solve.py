@@ -316,8 +316,12 @@ COV_MANY_EPOCHS = 64
 COV_PROBES_MANY = 4
 COV_TOL = 2e-2
 #: ...and the position rows to this one (or ``tol`` where smaller): the position's variance is
-#: more sensitive to it (tolerance 3e-3 moved its sd by 2.9e-3)
-COV_POSITION_TOL = 1e-3
+#: more sensitive to it. Against 1e-6, on six validation cells (baseline, offset 0, HSC blend,
+#: sb:21, snr 22.5, nref 1; seed 0) the position's sd comes out low by at most 2.6e-3 at 3e-3
+#: (1.6e-3 at 1e-3, 3.4e-2 at 1e-2), far below what a campaign can resolve in a position's
+#: pulls, in 0-7 fewer block iterations of its 2 rows (the 100-epoch benchmark: 27 instead of
+#: 34 with the probes', ~0.35 s)
+COV_POSITION_TOL = 3e-3
 CG_MAXITER = 1000
 
 
@@ -430,9 +434,19 @@ def _pixel_dot(jl: jax.Array, img: jax.Array) -> jax.Array:
     return jnp.sum(jl * img[..., None], axis=(1, 2))
 
 
-def _local_blocks(loc, st: EpochStack, glob: SceneGlobal, grid: ModelGrid):
-    """Model, local Jacobian (flux column zeroed where pinned), residual, normal blocks of one stack."""
-    model, jl = local_jacobian(glob, loc, st, grid)
+def _local_blocks(loc, st: EpochStack, glob: SceneGlobal, grid: ModelGrid, single: bool = False):
+    """Model, local Jacobian (flux column zeroed where pinned), residual, normal blocks of one stack.
+
+    ``single``: the model and its Jacobian rendered in float32 (then float64 again, as is all that
+    follows), for a Gauss-Newton step's set-up in mixed precision (``_linearised_model`` says why
+    float32 is safe there: the residuals' rounding, ~1e-7 of the model, stays far below the
+    noise and the solves' tolerances). Half the cost of the set-up's largest fixed term:
+    measured on ``scripts/benchmark.py``'s 100 epochs of 64x64, 89 instead of 180 ms."""
+    if single:
+        g32, loc32, st32, grid32 = _cast((glob, loc, st, grid), jnp.float32, jnp.complex64)
+        model, jl = _cast(local_jacobian(g32, loc32, st32, grid32), jnp.float64, jnp.complex128)
+    else:
+        model, jl = local_jacobian(glob, loc, st, grid)
     jl = jl.at[..., 0].multiply(st.free_flux[:, None, None])
     w = st.weight
     r = st.data - model
@@ -470,8 +484,9 @@ def _linearised_model(scene: Scene, stacks, grid: ModelGrid, single: bool):
     Why single precision is safe here: the linearised rendering only ever enters the reduced
     operator ``S`` inside conjugate gradients and the right-hand side ``J^T W r``, whose float32
     errors (~1e-7 of each term; phases good to ~1e-5 px) are far below the tolerances the solves
-    stop at (1e-2 .. 1e-4). Renders, residuals, the objective, the local blocks and the prior
-    stay float64. Measured (``scripts/benchmark.py``'s 100 epochs of 64x64): the same
+    stop at (1e-2 .. 1e-4). The objective (its renders and residuals) and the prior stay
+    float64; so does the local blocks' algebra, from float32 renders of the model and its local
+    Jacobian since the fifteenth session (``_local_blocks``). Measured (``scripts/benchmark.py``'s 100 epochs of 64x64): the same
     Gauss-Newton path (iterations and CG counts), fluxes within 2.4e-5 sigma and flux errors
     within 5e-7 (relative) of the float64 fit; an operator application 63 -> 50 ms, a
     Gauss-Newton step 1.31 -> 0.93 s, the warm Laplace fit 47 -> 34 s (``--no-mixed-precision``
@@ -595,8 +610,8 @@ def _build(scene: Scene, stacks, grid, pa: PriorArrays, mixed: bool = True, newt
     glob = scene.glob
     flat0, unravel = ravel_pytree(glob)
     n_g = flat0.shape[0]
-    parts = [_local_blocks(loc, st, glob, grid) for loc, st in zip(scene.local, stacks)]
     single = mixed and n_g > _DENSE_MAX
+    parts = [_local_blocks(loc, st, glob, grid, single) for loc, st in zip(scene.local, stacks)]
     jvp_fn, vjp_fn = _linearised_model(scene, stacks, grid, single)
     small = _small_indices(glob)
     r_small = None
@@ -804,18 +819,24 @@ def _covariance_solves(scene: Scene, stacks, grid: ModelGrid, pa: PriorArrays, p
     ``e_pos`` is None), all from one linearisation (S: the reduced global normal matrix)."""
     sysd = _build(scene, stacks, grid, pa, mixed)
     glob = scene.glob
+    # the z rows only enter the solves' right-hand sides and M's Nystrom products, so they are
+    # as safe in single precision as the solves' linearisation (``_linearised_model``)
+    single = mixed and sysd["n_g"] > _DENSE_MAX
     zs = []
     local_var = []
     for loc, st, p in zip(scene.local, stacks, sysd["parts"]):
         cot0 = _flux_cotangent(p)
+        g0, grid0 = glob, grid
+        if single:
+            g0, loc, st, grid0, cot0 = _cast((glob, loc, st, grid, cot0), jnp.float32, jnp.complex64)
 
         def one(args):
             l, ep, c = args
-            f = lambda g: render_epoch(host_spectrum(g, grid), g, l, ep, grid)  # noqa: E731
-            _, vjp = jax.vjp(f, glob)
+            f = lambda g: render_epoch(host_spectrum(g, grid0), g, l, ep, grid0)  # noqa: E731
+            _, vjp = jax.vjp(f, g0)
             return ravel_pytree(vjp(c)[0])[0]
 
-        zs.append(batched(one, st.n_epochs)((loc, st, cot0)))
+        zs.append(batched(one, st.n_epochs)((loc, st, cot0)).astype(jnp.float64))
         local_var.append(jax.vmap(jnp.diag)(p["ninv"]))
     z = jnp.concatenate(zs, axis=0)  # [E, n_g]
     b_rows = probes_t @ z
@@ -929,7 +950,7 @@ def flux_covariance(scene: Scene, stacks, grid: ModelGrid, pa: PriorArrays, *, p
     39 and 34 block iterations of probes and position rows together. Hence the defaults
     (``probes=None``): exact up to ``COV_EXACT_MAX`` (16) free epochs, where it is cheap, and 8
     probes (``COV_PROBES``) beyond, solved to a residual of 2e-2 (``COV_TOL``), the position rows
-    to 1e-3 (``COV_POSITION_TOL``): the covariance was half of a 100-epoch fit's time. Against
+    to 3e-3 (``COV_POSITION_TOL``): the covariance was half of a 100-epoch fit's time. Against
     1e-2, 2e-2 leaves the largest flux-error, correlation and position-error differences from the
     exact covariance (64 probes at 1e-6) as they were to 2e-5 (validation cells baseline, sb:21,
     offset 0, HSC blend, seed 0: 8 probes, 23-36 block iterations instead of 24-43; the 100
