@@ -491,7 +491,7 @@ def fit(
         first = 1 if irls_from is None else irls_from
         # never on a step truncated at negative curvature: its CG can stop after one iteration,
         # so the step is small because the system is indefinite there, not because the point is
-        # optimal (validation cell sb:15 seed 7 "converged" so, at an objective 35.5 above the
+        # optimal (validation cell sb:15 seed 7 "converged" so, at an objective 35.7 above the
         # optimum that a Gauss-Newton step then a whole Newton step reach, fluxes 0.28 sigma off)
         if (it >= first + 1 and alpha == 1.0 and not truncated and dnl_sigma < NL_TOL and dpos < POS_TOL
                 and (linear_host or dflux < 0.02)):

@@ -437,10 +437,10 @@ def _pixel_dot(jl: jax.Array, img: jax.Array) -> jax.Array:
 def _local_blocks(loc, st: EpochStack, glob: SceneGlobal, grid: ModelGrid, single: bool = False):
     """Model, local Jacobian (flux column zeroed where pinned), residual, normal blocks of one stack.
 
-    ``single``: the model and its Jacobian rendered in float32 (then float64 again, as is all that
-    follows), for a Gauss-Newton step's set-up in mixed precision (``_linearised_model`` says why
-    float32 is safe there: the residuals' rounding, ~1e-7 of the model, stays far below the
-    noise and the solves' tolerances). Half the cost of the set-up's largest fixed term:
+    ``single``: the model and its Jacobian rendered in float32 (then float64 again, as is all
+    that follows), for a step's or the covariance's set-up in mixed precision
+    (``_linearised_model`` says why float32 is safe there: the residuals' rounding, ~1e-7 of the
+    model, stays far below the noise and the solves' tolerances). Half the cost of the set-up's largest fixed term:
     measured on ``scripts/benchmark.py``'s 100 epochs of 64x64, 89 instead of 180 ms."""
     if single:
         g32, loc32, st32, grid32 = _cast((glob, loc, st, grid), jnp.float32, jnp.complex64)
@@ -486,9 +486,10 @@ def _linearised_model(scene: Scene, stacks, grid: ModelGrid, single: bool):
     errors (~1e-7 of each term; phases good to ~1e-5 px) are far below the tolerances the solves
     stop at (1e-2 .. 1e-4). The objective (its renders and residuals) and the prior stay
     float64; so does the local blocks' algebra, from float32 renders of the model and its local
-    Jacobian since the fifteenth session (``_local_blocks``). Measured (``scripts/benchmark.py``'s 100 epochs of 64x64): the same
-    Gauss-Newton path (iterations and CG counts), fluxes within 2.4e-5 sigma and flux errors
-    within 5e-7 (relative) of the float64 fit; an operator application 63 -> 50 ms, a
+    Jacobian since the fifteenth session (``_local_blocks``). Measured (before that, on
+    ``scripts/benchmark.py``'s 100 epochs of 64x64): the same Gauss-Newton path (iterations
+    and CG counts), fluxes within 2.4e-5 sigma and flux errors within 5e-7 (relative) of the
+    float64 fit; an operator application 63 -> 50 ms, a
     Gauss-Newton step 1.31 -> 0.93 s, the warm Laplace fit 47 -> 34 s (``--no-mixed-precision``
     against the default, same code otherwise). Over 416 validation fluxes (faint hosts, where
     the two take different Gauss-Newton paths) the fits differ by their stopping tolerance only:
