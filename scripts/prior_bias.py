@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -34,20 +33,12 @@ def _validate_module():
 
 def noiseless_bias(cell, seed: int, host_strength: float) -> np.ndarray:
     """(flux - true) / CRB per free epoch of the noiseless linear solution at the truth."""
-    import transcene as ts
-    from transcene.fit import initial_scene
-    from transcene.solve import Priors, flux_estimator_variance, freeze_geometry, linear_solution, prior_arrays
-    from transcene.validation import ORACLE_TOL
+    from transcene.solve import Priors, flux_estimator_variance
+    from transcene.validation import truth_linearisation
 
     V = sys.modules["validate"]
     _, truth, target, (_, clean) = V.simulate_cell(cell, V.MODES["full"], seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the fitted data set's own warnings (no references, ...)
-        ds = ts.make_dataset(clean, target, **cell.dataset_options)
-    scene = initial_scene(ds)
-    pa = prior_arrays(ds, Priors(host_strength=host_strength), np.asarray(scene.glob.star_position))
-    scene0, frozen, pa_frozen = freeze_geometry(scene, ds.stacks, pa, ds.grid)
-    theta, _, _ = linear_solution(scene0, frozen, ds.grid, pa_frozen, mixed=False, tol=ORACLE_TOL)
+    ds, pa, theta = truth_linearisation(clean, target, Priors(host_strength=host_strength), **cell.dataset_options)
     post, _ = flux_estimator_variance(theta, ds.stacks, ds.grid, pa, mixed=False)
     rows = ds.stack_rows()
     flux = np.concatenate([np.asarray(loc[:, 0]) for loc in theta.local])[rows]

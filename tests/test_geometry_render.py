@@ -1033,6 +1033,32 @@ def test_newton_fit_reaches_the_gauss_newton_optimum_or_lower(fit_results):
     np.testing.assert_allclose(np.asarray(a["flux_err"])[sci], err, rtol=2e-3)
 
 
+def _fit_with_newton_steps(fit_results, monkeypatch, replace):
+    """Fit ``fit_results[0]``'s data with every Newton step's ``gauss_newton_step`` output passed
+    through ``replace``; returns ``(result, newton flag of each step call, reference result)``."""
+    import importlib
+
+    fit_module = importlib.import_module("transcene.fit")
+    real = fit_module.gauss_newton_step
+    kinds = []
+
+    def patched(*args, newton=False, **kwargs):
+        out = real(*args, newton=newton, **kwargs)
+        kinds.append(newton)
+        return replace(*out) if newton else out
+
+    monkeypatch.setattr(fit_module, "gauss_newton_step", patched)
+    ds, res, _ = fit_results[0]
+    return fit(ds), kinds, res
+
+
+def _largest_flux_change(got, ref) -> float:
+    """Largest difference of two fits' science-epoch fluxes, in ``ref``'s errors."""
+    a, b = got.lightcurve(), ref.lightcurve()
+    sci = ~np.asarray(b["is_reference"])
+    return float(np.max(np.abs(np.asarray(a["flux"])[sci] - np.asarray(b["flux"])[sci]) / np.asarray(b["flux_err"])[sci]))
+
+
 def test_a_newton_step_that_fails_the_line_search_is_replaced_by_a_gauss_newton_step(fit_results, monkeypatch):
     """Far from the optimum a Newton step can fail the line search (validation cell
     sys:zp20mmag-sb15-nuis seed 6 did, and the whole fit failed with it): the iteration then
@@ -1040,25 +1066,13 @@ def test_a_newton_step_that_fails_the_line_search_is_replaced_by_a_gauss_newton_
     length passes), and the fit still reaches the optimum, by Gauss-Newton steps alone. (Reversed
     steps were used first; near the optimum a reversed step is so small that it passes the line
     search's 1e-9 relative tolerance, and counts as a Newton step taken.)"""
-    import importlib
+    def useless(step, lvar, cg_it, cg_res):
+        return jax.tree_util.tree_map(lambda x: x * jnp.nan, step), lvar, cg_it, cg_res
 
-    fit_module = importlib.import_module("transcene.fit")
-    real = fit_module.gauss_newton_step
-    kinds = []
-
-    def useless(*args, newton=False, **kwargs):
-        step, lvar, cg_it, cg_res = real(*args, newton=newton, **kwargs)
-        kinds.append(newton)
-        return (jax.tree_util.tree_map(lambda x: x * jnp.nan, step) if newton else step), lvar, cg_it, cg_res
-
-    monkeypatch.setattr(fit_module, "gauss_newton_step", useless)
-    ds, res, _ = fit_results[0]
-    got = fit(ds)
+    got, kinds, res = _fit_with_newton_steps(fit_results, monkeypatch, useless)
     assert got.status == "converged"
     assert any(kinds) and got.n_newton == 0  # Newton steps were tried, none was taken
-    a, b = got.lightcurve(), res.lightcurve()
-    sci = ~np.asarray(b["is_reference"])
-    assert np.max(np.abs(np.asarray(a["flux"])[sci] - np.asarray(b["flux"])[sci]) / np.asarray(b["flux_err"])[sci]) < 0.03
+    assert _largest_flux_change(got, res) < 0.03
 
 
 def test_a_step_truncated_at_negative_curvature_never_certifies_convergence(fit_results, monkeypatch):
@@ -1067,28 +1081,14 @@ def test_a_step_truncated_at_negative_curvature_never_certifies_convergence(fit_
     two such steps, 35.7 above its optimum). Here every Newton step is made such a step (scaled
     down 1e6, residual NaN): each is followed by a Gauss-Newton step, the fit converges on a
     Gauss-Newton step and reaches the optimum."""
-    import importlib
+    def truncated(step, lvar, cg_it, cg_res):
+        return jax.tree_util.tree_map(lambda x: 1e-6 * x, step), lvar, jnp.asarray(1), jnp.asarray(jnp.nan)
 
-    fit_module = importlib.import_module("transcene.fit")
-    real = fit_module.gauss_newton_step
-    kinds = []
-
-    def truncated(*args, newton=False, **kwargs):
-        step, lvar, cg_it, cg_res = real(*args, newton=newton, **kwargs)
-        kinds.append(newton)
-        if newton:
-            return jax.tree_util.tree_map(lambda x: 1e-6 * x, step), lvar, jnp.asarray(1), jnp.asarray(jnp.nan)
-        return step, lvar, cg_it, cg_res
-
-    monkeypatch.setattr(fit_module, "gauss_newton_step", truncated)
-    ds, res, _ = fit_results[0]
-    got = fit(ds)
+    got, kinds, res = _fit_with_newton_steps(fit_results, monkeypatch, truncated)
     assert got.status == "converged"
     assert any(kinds) and not kinds[-1]  # Newton steps were taken; the last step was Gauss-Newton
     assert not any(a and b for a, b in zip(kinds, kinds[1:]))  # a Gauss-Newton step after each
-    a, b = got.lightcurve(), res.lightcurve()
-    sci = ~np.asarray(b["is_reference"])
-    assert np.max(np.abs(np.asarray(a["flux"])[sci] - np.asarray(b["flux"])[sci]) / np.asarray(b["flux_err"])[sci]) < 0.03
+    assert _largest_flux_change(got, res) < 0.03
 
 
 def test_a_small_last_newton_step_stands_in_for_the_final_linear_solve(fit_results, monkeypatch, caplog):

@@ -443,8 +443,7 @@ def _local_blocks(loc, st: EpochStack, glob: SceneGlobal, grid: ModelGrid, singl
     model, stays far below the noise and the solves' tolerances). Half the cost of the set-up's largest fixed term:
     measured on ``scripts/benchmark.py``'s 100 epochs of 64x64, 89 instead of 180 ms."""
     if single:
-        g32, loc32, st32, grid32 = _cast((glob, loc, st, grid), jnp.float32, jnp.complex64)
-        model, jl = _cast(local_jacobian(g32, loc32, st32, grid32), jnp.float64, jnp.complex128)
+        model, jl = _double(local_jacobian(*_single((glob, loc, st, grid))))
     else:
         model, jl = local_jacobian(glob, loc, st, grid)
     jl = jl.at[..., 0].multiply(st.free_flux[:, None, None])
@@ -476,6 +475,16 @@ def _cast(tree, real, cplx):
     return jax.tree_util.tree_map(one, tree)
 
 
+def _single(tree):
+    """``tree`` in single precision (float32, complex64): the mixed-precision parts of a solve."""
+    return _cast(tree, jnp.float32, jnp.complex64)
+
+
+def _double(tree):
+    """``tree`` back in double precision (float64, complex128)."""
+    return _cast(tree, jnp.float64, jnp.complex128)
+
+
 def _linearised_model(scene: Scene, stacks, grid: ModelGrid, single: bool):
     """The rendering of all stacks linearised in the global parameters at ``scene``: ``(jvp,
     vjp)`` with ``vjp`` returning a 1-tuple, as ``jax.linear_transpose`` does. Both take and
@@ -497,7 +506,7 @@ def _linearised_model(scene: Scene, stacks, grid: ModelGrid, single: bool):
     """
     local, glob = scene.local, scene.glob
     if single:
-        local, stacks, grid, glob = _cast((local, stacks, grid, glob), jnp.float32, jnp.complex64)
+        local, stacks, grid, glob = _single((local, stacks, grid, glob))
 
     def model_all(g):
         return tuple(render_stack(g, loc, st, grid) for loc, st in zip(local, stacks))
@@ -506,9 +515,7 @@ def _linearised_model(scene: Scene, stacks, grid: ModelGrid, single: bool):
     vjp = jax.linear_transpose(jvp, glob)
     if not single:
         return jvp, vjp
-    low = lambda t: _cast(t, jnp.float32, jnp.complex64)  # noqa: E731
-    high = lambda t: _cast(t, jnp.float64, jnp.complex128)  # noqa: E731
-    return (lambda v: high(jvp(low(v)))), (lambda ys: high(vjp(low(ys))))
+    return (lambda v: _double(jvp(_single(v)))), (lambda ys: _double(vjp(_single(ys))))
 
 
 def _residual_curvature(scene: Scene, stacks, grid: ModelGrid, parts, single: bool):
@@ -532,8 +539,7 @@ def _residual_curvature(scene: Scene, stacks, grid: ModelGrid, parts, single: bo
     local = scene.local
     wrs = tuple(p["w"] * p["r"] for p in parts)
     if single:
-        flat, glob, local, stacks, grid, wrs = _cast((flat, glob, local, stacks, grid, wrs), jnp.float32,
-                                                     jnp.complex64)
+        flat, glob, local, stacks, grid, wrs = _single((flat, glob, local, stacks, grid, wrs))
     out = []
     for loc, st, wr in zip(local, stacks, wrs):
         def one(args):
@@ -665,7 +671,7 @@ def _build(scene: Scene, stacks, grid, pa: PriorArrays, mixed: bool = True, newt
 
     return dict(
         parts=parts, apply_s=apply_s, rhs=rhs, unravel=unravel, n_g=n_g,
-        jvp_fn=jvp_fn, vjp_fn=vjp_fn, newton=newton,
+        jvp_fn=jvp_fn, vjp_fn=vjp_fn, newton=newton, single=single,
     )
 
 
@@ -820,16 +826,13 @@ def _covariance_solves(scene: Scene, stacks, grid: ModelGrid, pa: PriorArrays, p
     ``e_pos`` is None), all from one linearisation (S: the reduced global normal matrix)."""
     sysd = _build(scene, stacks, grid, pa, mixed)
     glob = scene.glob
-    # the z rows only enter the solves' right-hand sides and M's Nystrom products, so they are
-    # as safe in single precision as the solves' linearisation (``_linearised_model``)
-    single = mixed and sysd["n_g"] > _DENSE_MAX
     zs = []
     local_var = []
     for loc, st, p in zip(scene.local, stacks, sysd["parts"]):
-        cot0 = _flux_cotangent(p)
-        g0, grid0 = glob, grid
-        if single:
-            g0, loc, st, grid0, cot0 = _cast((glob, loc, st, grid, cot0), jnp.float32, jnp.complex64)
+        # the z rows only enter the solves' right-hand sides and M's Nystrom products, so they
+        # are as safe in single precision as the solves' linearisation (``_linearised_model``)
+        args = (glob, grid, loc, st, _flux_cotangent(p))
+        g0, grid0, loc0, st0, cot0 = _single(args) if sysd["single"] else args
 
         def one(args):
             l, ep, c = args
@@ -837,7 +840,7 @@ def _covariance_solves(scene: Scene, stacks, grid: ModelGrid, pa: PriorArrays, p
             _, vjp = jax.vjp(f, g0)
             return ravel_pytree(vjp(c)[0])[0]
 
-        zs.append(batched(one, st.n_epochs)((loc, st, cot0)).astype(jnp.float64))
+        zs.append(batched(one, st.n_epochs)((loc0, st0, cot0)).astype(jnp.float64))
         local_var.append(jax.vmap(jnp.diag)(p["ninv"]))
     z = jnp.concatenate(zs, axis=0)  # [E, n_g]
     b_rows = probes_t @ z

@@ -26,8 +26,8 @@ from .scene import render_stack
 from .solve import Priors, flux_covariance, flux_estimator_variance, freeze_geometry, gauss_newton_step, \
     linear_solution, prior_arrays
 
-__all__ = ["crb_at_truth", "cell_metrics", "linear_oracle", "control_variate_metrics", "coverage_sd_floor",
-           "COVERAGE_LEVELS"]
+__all__ = ["crb_at_truth", "cell_metrics", "linear_oracle", "truth_linearisation", "control_variate_metrics",
+           "coverage_sd_floor", "COVERAGE_LEVELS"]
 
 # nominal two-sided Gaussian levels: 1 sigma and 2 sigma
 COVERAGE_LEVELS = (0.6827, 0.9545)
@@ -84,6 +84,24 @@ def cell_metrics(flux: np.ndarray, err: np.ndarray, true: np.ndarray, crb: np.nd
 ORACLE_TOL = 1e-6
 
 
+def truth_linearisation(clean: list[Epoch], target: SkyCoord, priors: Priors = Priors(), **dataset_options):
+    """``linear_oracle``'s linearisation point: the noiseless epochs ``clean`` built into a data
+    set like the fitted one (``dataset_options`` as given to ``make_dataset``), solved linearly
+    with the transient at ``target`` (the truth) and no shifts, in float64 to ``ORACLE_TOL``.
+    Its fluxes differ from the truth only by what the ``priors`` do (``scripts/prior_bias.py``).
+    Returns ``(dataset, prior arrays, theta0)``."""
+    with warnings.catch_warnings():
+        # the fitted data set raised these already (no references, skipped epochs)
+        warnings.simplefilter("ignore")
+        ds = make_dataset(clean, target, **dataset_options)
+    scene = initial_scene(ds)  # position at the target; no shifts
+    pa = prior_arrays(ds, priors, np.asarray(scene.glob.star_position))
+    scene0, frozen, pa_frozen = freeze_geometry(scene, ds.stacks, pa, ds.grid)
+    # float64 throughout (mixed=False): the oracle is a reference, its rounding must not matter
+    theta0, _, _ = linear_solution(scene0, frozen, ds.grid, pa_frozen, mixed=False, tol=ORACLE_TOL)  # zero shifts: valid unfrozen too
+    return ds, pa, theta0
+
+
 def linear_oracle(noise: list[Epoch], clean: list[Epoch], target: SkyCoord,
                   **dataset_options) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A control variate for injection-recovery: the flux errors that the fitted model,
@@ -110,17 +128,10 @@ def linear_oracle(noise: list[Epoch], clean: list[Epoch], target: SkyCoord,
     skipped or its flux is not free): ``sd`` the exact sampling sd of ``z``, ``crb`` the bound
     (``flux_estimator_variance``'s two variances).
     """
+    ds, pa, theta0 = truth_linearisation(clean, target, **dataset_options)
     with warnings.catch_warnings():
-        # the fitted data set raised these already (no references, skipped epochs)
-        warnings.simplefilter("ignore")
-        ds = make_dataset(clean, target, **dataset_options)
+        warnings.simplefilter("ignore")  # as in truth_linearisation
         ds_noise = make_dataset(noise, target, **dataset_options)
-    scene = initial_scene(ds)  # position at the target; no shifts
-    pa = prior_arrays(ds, Priors(), np.asarray(scene.glob.star_position))
-    scene0, frozen, pa_frozen = freeze_geometry(scene, ds.stacks, pa, ds.grid)
-    # float64 throughout (mixed=False): the oracle is a reference, its rounding must not matter
-    theta0, _, _ = linear_solution(scene0, frozen, ds.grid, pa_frozen, mixed=False, tol=ORACLE_TOL)  # zero shifts: valid unfrozen too
-
     models = [render_stack(theta0.glob, loc, st, ds.grid) for loc, st in zip(theta0.local, ds.stacks)]
 
     def step_fluxes(with_noise: bool) -> np.ndarray:
